@@ -1,0 +1,28 @@
+"""Shared pytest setup: fake CPU devices, persistent compilation cache, fixture paths.
+
+JAX reads its device count once, at first use, so the environment is set here before any test imports JAX.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must follow the environment set-up above)
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+
+jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax_compilation"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> pathlib.Path:
+  """The real COCO / Cityscapes fixtures beside the checkout (../shared/fixtures); never copied in."""
+  if not SHARED_FIXTURES.is_dir():
+    pytest.fail(f"expected the shared fixtures at {SHARED_FIXTURES}; found nothing there")
+  return SHARED_FIXTURES
