@@ -1,0 +1,353 @@
+"""The dataset format: metadata.yaml and 2-page TIFF annotations, decoded once into canonical panoptic maps.
+
+On disk (see DESIGN.md and the README):
+  images/<stem>.<ext>         one image per file
+  <annotations>/<stem>.tif    page 1: RGB category-colour map; page 2: instance-id map (uint8 / uint16 / uint32)
+  metadata.yaml               task, annotations, categories, colors, optional things
+
+Inside the code there is one label representation, the int32 canonical panoptic map
+`category * label_divisor + instance` with categories 0..C-1 in metadata order and `VOID = -1`. Stuff segments have
+instance 0 (all segments of one stuff class in an image merge into one); thing instances are renumbered 1..K per
+category in increasing order of their on-disk id. This module is the only place that converts between the two.
+"""
+
+import dataclasses
+import functools
+import io
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import tifffile
+import yaml
+from PIL import Image
+
+VOID = -1
+TASK = "panoptic segmentation"
+DEFAULT_LABEL_DIVISOR = 1000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+ANNOTATION_EXTENSIONS = (".tif", ".tiff")
+
+Color = tuple[int, int, int]
+_UNKNOWN_COLOR = -2
+_MAX_SEGMENT_KEYS = 1 << 22
+
+
+class FormatError(ValueError):
+  """A dataset file does not follow the format; the message names the file and what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What metadata.yaml says about a dataset.
+
+  Attributes:
+    categories: category names; a category's index in this tuple is its id in canonical maps.
+    colors: the RGB colour of each category, or None for a category that has no colour (it cannot be annotated).
+    is_thing: per category, True if its segments are countable instances.
+    annotations: the folder holding the annotation TIFFs, relative to the dataset root, without slashes.
+    label_divisor: canonical maps store `category * label_divisor + instance`.
+  """
+
+  categories: tuple[str, ...]
+  colors: tuple[Color | None, ...]
+  is_thing: tuple[bool, ...]
+  annotations: str = "panoptic_maps"
+  label_divisor: int = DEFAULT_LABEL_DIVISOR
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.categories)
+
+  @property
+  def thing_ids(self) -> np.ndarray:
+    return np.flatnonzero(np.asarray(self.is_thing, bool))
+
+  @property
+  def stuff_ids(self) -> np.ndarray:
+    return np.flatnonzero(~np.asarray(self.is_thing, bool))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# metadata.yaml
+
+
+def _parse_color(value, name: str, where: str) -> Color:
+  if (not isinstance(value, (list, tuple)) or len(value) != 3
+      or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in value)):
+    raise FormatError(f"{where}: colors.{name}: expected an RGB triplet of integers 0-255, found {value!r}")
+  color = (int(value[0]), int(value[1]), int(value[2]))
+  if color == (0, 0, 0):
+    raise FormatError(f"{where}: colors.{name}: black [0, 0, 0] is reserved for void pixels")
+  return color
+
+
+def parse_metadata(text: str, where: str = "metadata.yaml") -> DatasetInfo:
+  """Parses metadata.yaml (safely: plain YAML types only) into a DatasetInfo.
+
+  Raises:
+    FormatError: naming the field and what was wrong.
+  """
+  try:
+    meta = yaml.safe_load(text)
+  except yaml.YAMLError as e:
+    raise FormatError(f"{where}: not valid YAML: {e}") from None
+  if not isinstance(meta, dict):
+    raise FormatError(f"{where}: expected a mapping with task, annotations, categories, colors; "
+                      f"found {type(meta).__name__}")
+  task = meta.get("task")
+  if task != TASK:
+    raise FormatError(f"{where}: task: expected {TASK!r}, found {task!r}")
+
+  annotations = meta.get("annotations")
+  if not isinstance(annotations, str) or not annotations.strip("/"):
+    raise FormatError(f"{where}: annotations: expected a folder name such as 'panoptic_maps/', found {annotations!r}")
+  annotations = annotations.strip("/")
+
+  categories = meta.get("categories")
+  if (not isinstance(categories, list) or not categories
+      or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in categories)):
+    raise FormatError(f"{where}: categories: expected a non-empty list of names, found {categories!r}")
+  categories = tuple(str(c) for c in categories)
+  duplicates = sorted({c for c in categories if categories.count(c) > 1})
+  if duplicates:
+    raise FormatError(f"{where}: categories: names must be unique, found duplicates {duplicates}")
+
+  raw_colors = meta.get("colors") or {}
+  if not isinstance(raw_colors, dict):
+    raise FormatError(f"{where}: colors: expected a mapping category -> [r, g, b], found {raw_colors!r}")
+  unknown = sorted(str(k) for k in raw_colors if str(k) not in categories)
+  if unknown:
+    raise FormatError(f"{where}: colors: {unknown} are not in categories {list(categories)}")
+  colors_by_name = {str(k): _parse_color(v, str(k), where) for k, v in raw_colors.items()}
+  owners: dict[Color, str] = {}
+  for name, color in colors_by_name.items():
+    if color in owners:
+      raise FormatError(f"{where}: colors: {owners[color]} and {name} share the colour {list(color)}; "
+                        "colours must be unique")
+    owners[color] = name
+  colors = tuple(colors_by_name.get(c) for c in categories)
+  uncoloured = [c for c, col in zip(categories, colors) if col is None]
+  if uncoloured:
+    logging.warning("%s: categories %s have no colour and cannot appear in annotations", where, uncoloured)
+
+  things = meta.get("things")
+  if things is None:
+    is_thing = (True,) * len(categories)
+  else:
+    if not isinstance(things, list):
+      raise FormatError(f"{where}: things: expected a list of category names, found {things!r}")
+    unknown = sorted(str(t) for t in things if str(t) not in categories)
+    if unknown:
+      raise FormatError(f"{where}: things: {unknown} are not in categories {list(categories)}")
+    thing_set = {str(t) for t in things}
+    is_thing = tuple(c in thing_set for c in categories)
+
+  label_divisor = meta.get("label_divisor", DEFAULT_LABEL_DIVISOR)
+  if not isinstance(label_divisor, int) or isinstance(label_divisor, bool) or label_divisor < 2:
+    raise FormatError(f"{where}: label_divisor: expected an integer >= 2, found {label_divisor!r}")
+  if len(categories) * label_divisor >= 2**31:
+    raise FormatError(f"{where}: label_divisor: {len(categories)} categories x {label_divisor} overflows int32")
+  return DatasetInfo(categories, colors, is_thing, annotations, label_divisor)
+
+
+def metadata_yaml(info: DatasetInfo) -> str:
+  """Writes a DatasetInfo as metadata.yaml text that `parse_metadata` reads back identically."""
+  lines = [f"task: {TASK}", f"annotations: {info.annotations}/", f"categories: {_yaml_list(info.categories)}"]
+  lines.append(f"things: {_yaml_list([c for c, t in zip(info.categories, info.is_thing) if t])}")
+  if info.label_divisor != DEFAULT_LABEL_DIVISOR:
+    lines.append(f"label_divisor: {info.label_divisor}")
+  lines.append("colors:")
+  lines += [f"  {_yaml_scalar(c)}: [{r}, {g}, {b}]" for c, col in zip(info.categories, info.colors)
+            if col is not None for r, g, b in [col]]
+  return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: str) -> str:
+  return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...").strip()
+
+
+def _yaml_list(values: Sequence[str]) -> str:
+  return "[" + ", ".join(_yaml_scalar(v) for v in values) + "]"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Annotations
+
+
+def _pack_rgb(rgb: np.ndarray) -> np.ndarray:
+  """[..., 3] uint8 -> [...] int32 0xRRGGBB."""
+  rgb = rgb.astype(np.int32)
+  return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _category_page_to_hwc(page: np.ndarray, where: str) -> np.ndarray:
+  """Accepts the RGB page channels-first [3, H, W] (tifffile's planar layout) or channels-last [H, W, 3]."""
+  if page.ndim == 3 and page.shape[-1] in (3, 4) and page.shape[0] not in (3, 4):
+    return page[..., :3]
+  if page.ndim == 3 and page.shape[0] in (3, 4):
+    return np.moveaxis(page[:3], 0, -1)
+  raise FormatError(f"{where}: page 1 must be an RGB image [3, H, W] or [H, W, 3]; found shape {page.shape}")
+
+
+def _resize_nearest(label: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+  """Nearest-neighbour resize of a [h, w] map to `out_hw`, sampling each output pixel's centre."""
+  h, w = label.shape
+  rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * h / out_hw[0]).astype(np.int64), h - 1)
+  cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * w / out_hw[1]).astype(np.int64), w - 1)
+  return label[rows[:, None], cols[None, :]]
+
+
+def _check_scale(map_hw: tuple[int, int], image_hw: tuple[int, int], where: str) -> None:
+  """A map may be smaller than its image by one factor in both directions (within one map pixel of rounding)."""
+  (h, w), (big_h, big_w) = map_hw, image_hw
+  if h > big_h or w > big_w:
+    raise FormatError(f"{where}: annotation is {h}x{w} but its image is only {big_h}x{big_w}; "
+                      "annotations may be smaller than the image, never larger")
+  scale_h, scale_w = big_h / h, big_w / w
+  # Rounding a downscaled side may move it by up to one map pixel, i.e. one `scale` in image pixels.
+  if abs(h * scale_w - big_h) > scale_w and abs(w * scale_h - big_w) > scale_h:
+    raise FormatError(f"{where}: annotation is {h}x{w} (aspect {w / h:.4f}) but its image is {big_h}x{big_w} "
+                      f"(aspect {big_w / big_h:.4f}); the annotation must be the image scaled by one factor")
+
+
+def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] | None = None,
+                      where: str = "annotation") -> np.ndarray:
+  """Decodes a 2-page TIFF into the canonical panoptic map.
+
+  Args:
+    data: the TIFF file's bytes.
+    info: the dataset's metadata (palette, things, label divisor).
+    image_hw: (H, W) of the image it annotates; a smaller map is resized (nearest) to it. None keeps the map's size.
+    where: the file's name for error messages.
+
+  Returns:
+    int32 [H, W] canonical panoptic map.
+
+  Raises:
+    FormatError: naming the file, for undecodable data, a page count other than 2, page shapes that differ, a wrong
+      aspect ratio, colours not in the palette, or more instances of one category than label_divisor - 1.
+  """
+  try:
+    with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+      pages = [page.asarray() for page in tiff.pages]
+  except Exception as e:  # tifffile raises many types for corrupt input; all mean the same thing to the user.
+    raise FormatError(f"{where}: cannot decode as TIFF: {type(e).__name__}: {e}") from None
+  if len(pages) != 2:
+    raise FormatError(f"{where}: expected 2 pages (RGB category map, instance-id map), found {len(pages)}")
+  rgb = _category_page_to_hwc(pages[0], where)
+  ids = pages[1]
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise FormatError(f"{where}: page 2 must be a 2-D integer instance-id map; found shape {ids.shape} {ids.dtype}")
+  if rgb.shape[:2] != ids.shape:
+    raise FormatError(f"{where}: page shapes differ: category map {rgb.shape[:2]}, instance map {ids.shape}")
+
+  panoptic = _panoptic_from_pages(_pack_rgb(rgb), ids, info, where)
+  if image_hw is not None and tuple(image_hw) != panoptic.shape:
+    _check_scale(panoptic.shape, tuple(image_hw), where)
+    panoptic = _resize_nearest(panoptic, tuple(image_hw))
+  return panoptic
+
+
+@functools.lru_cache(maxsize=8)
+def _palette_lookup(colors: tuple[Color | None, ...]) -> np.ndarray:
+  """int16 [2**24]: packed colour -> category index, VOID for black, _UNKNOWN_COLOR for colours not in the palette.
+
+  A direct table turns colour decoding into one gather per pixel; 32 MB, built once per palette and process.
+  """
+  table = np.full(1 << 24, _UNKNOWN_COLOR, np.int16)
+  table[0] = VOID
+  for category, color in enumerate(colors):
+    if color is not None:
+      table[_pack_rgb(np.array(color, np.uint8))] = category
+  return table
+
+
+def _unknown_color_error(codes: np.ndarray, category: np.ndarray, where: str) -> FormatError:
+  bad_codes, counts = np.unique(codes[category == _UNKNOWN_COLOR], return_counts=True)
+  listed = ", ".join(f"[{c >> 16}, {(c >> 8) & 255}, {c & 255}] ({n} px)" for c, n in zip(bad_codes[:10], counts[:10]))
+  more = f" and {len(bad_codes) - 10} more" if len(bad_codes) > 10 else ""
+  return FormatError(f"{where}: {len(bad_codes)} colours are not in the metadata palette: {listed}{more}")
+
+
+def _panoptic_from_pages(codes: np.ndarray, ids: np.ndarray, info: DatasetInfo, where: str) -> np.ndarray:
+  """[H, W] packed colours and instance ids -> [H, W] int32 canonical map."""
+  category = _palette_lookup(info.colors)[codes]
+  if (category == _UNKNOWN_COLOR).any():
+    raise _unknown_color_error(codes, category, where)
+  ids = ids.astype(np.int64)
+  num_ids = int(ids.max(initial=0)) + 1
+  if num_ids * (info.num_classes + 1) > _MAX_SEGMENT_KEYS:  # Sparse ids such as 0, 70000, 2**31: compress first.
+    _, ids = np.unique(ids, return_inverse=True)
+    num_ids = int(ids.max(initial=0)) + 1
+  is_thing = np.asarray(info.is_thing + (False,), bool)  # Index -1 (VOID) reads the appended False.
+  # Segment key = (category + 1, id); stuff ignores the id so that all its segments merge into one.
+  keys = (category.astype(np.int64) + 1) * num_ids + np.where(is_thing[category], ids, 0)
+  present = np.flatnonzero(np.bincount(keys.ravel(), minlength=(info.num_classes + 1) * num_ids))
+  seg_category = present // num_ids - 1
+  # Keys are sorted by (category, id): a thing's instance number is its rank within its category, from 1.
+  rank = np.arange(len(present)) - np.searchsorted(seg_category, seg_category, side="left") + 1
+  seg_is_thing = is_thing[seg_category]
+  if seg_is_thing.any() and rank[seg_is_thing].max() >= info.label_divisor:
+    worst = seg_category[seg_is_thing][np.argmax(rank[seg_is_thing])]
+    raise FormatError(f"{where}: {rank[seg_is_thing].max()} instances of {info.categories[worst]!r}; at most "
+                      f"{info.label_divisor - 1} fit label_divisor {info.label_divisor}")
+  values = np.where(seg_category == VOID, VOID, seg_category * info.label_divisor + np.where(seg_is_thing, rank, 0))
+  lookup = np.zeros(present[-1] + 1, np.int32)
+  lookup[present] = values
+  return lookup[keys]
+
+
+def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 1) -> bytes:
+  """Encodes a canonical panoptic map as a 2-page TIFF (zlib), the inverse of `decode_annotation`.
+
+  Args:
+    panoptic: int32 [H, W] canonical map.
+    info: the dataset's metadata.
+    downscale: store the maps `downscale` times smaller (nearest), as the format allows.
+
+  Returns:
+    The file's bytes: page 1 RGB channels-first, page 2 the instance numbers as the smallest unsigned type that holds
+    them.
+  """
+  panoptic = np.asarray(panoptic)
+  if downscale > 1:
+    out_hw = (-(-panoptic.shape[0] // downscale), -(-panoptic.shape[1] // downscale))
+    panoptic = _resize_nearest(panoptic, out_hw)
+  void = panoptic == VOID
+  category = np.where(void, 0, panoptic // info.label_divisor)
+  instance = np.where(void, 0, panoptic % info.label_divisor)
+  if category.max(initial=0) >= info.num_classes or panoptic.min(initial=0) < VOID:
+    raise ValueError(f"panoptic map holds values outside 0..{info.num_classes * info.label_divisor - 1} and VOID")
+  lut = np.array([c if c is not None else (0, 0, 0) for c in info.colors], np.uint8)
+  missing = [info.categories[c] for c in np.unique(category[~void]) if info.colors[c] is None]
+  if missing:
+    raise ValueError(f"categories {missing} have no colour in the metadata and cannot be written")
+  rgb = np.where(void[..., None], np.uint8(0), lut[category])
+  id_dtype = np.uint8 if instance.max(initial=0) < 2**8 else np.uint16 if instance.max() < 2**16 else np.uint32
+  buffer = io.BytesIO()
+  with tifffile.TiffWriter(buffer) as tiff:
+    tiff.write(np.ascontiguousarray(np.moveaxis(rgb, -1, 0)), photometric="rgb", compression="zlib")
+    tiff.write(instance.astype(id_dtype), photometric="minisblack", compression="zlib")
+  return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images
+
+
+def decode_image(data: bytes, where: str = "image") -> np.ndarray:
+  """Decodes an image file (JPEG, PNG, ...) into uint8 [H, W, 3] RGB."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert("RGB"))
+  except Exception as e:  # Pillow raises several types for corrupt input.
+    raise FormatError(f"{where}: cannot decode as an image: {type(e).__name__}: {e}") from None
+
+
+def encode_image(image: np.ndarray, ext: str = ".jpg", quality: int = 92) -> bytes:
+  """Encodes uint8 [H, W, 3] as the format implied by `ext` ('.jpg', '.png', ...)."""
+  buffer = io.BytesIO()
+  fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".webp": "WEBP"}[ext.lower()]
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+  return buffer.getvalue()
