@@ -1,0 +1,76 @@
+r"""The demo: the tiny kMaX model on the built-in synthetic street scenes, sized for a 2-core CPU (~10 minutes).
+
+  python -m panoptic_jax.main --config=configs/demo.py --workdir=runs/demo
+
+The synthetic dataset is generated on first use into `dataset.synthetic.cache_dir` (panoptic_jax/data/synthetic.py).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Datasets in the project's format: local folders or s3://bucket/prefix (endpoint from --config.dataset.endpoint_url
+  # or AWS_ENDPOINT_URL_S3; credentials from the AWS chain).
+  config.dataset = ml_collections.ConfigDict()
+  config.dataset.train = ""
+  config.dataset.val = ""
+  config.dataset.endpoint_url = ""
+  config.dataset.synthetic = ml_collections.ConfigDict()  # Generated on first use; train / val point into it.
+  config.dataset.synthetic.cache_dir = "~/.cache/panoptic_jax/synthetic"
+  config.dataset.synthetic.num_train = 400
+  config.dataset.synthetic.num_val = 50
+  config.dataset.synthetic.height = 128
+  config.dataset.synthetic.width = 256
+  config.dataset.synthetic.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.preset = "kmax_tiny"  # Architecture numbers live in panoptic_jax/model/kmax_deeplab.py.
+  config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters.
+  config.model.remat = False  # Recompute activations per stage in the backward pass (less memory, ~30% slower).
+  config.model.init_checkpoint = ""  # Optional local pretrained-backbone checkpoint (never downloaded).
+
+  config.input = ml_collections.ConfigDict()
+  config.input.crop_size = (129, 257)
+  config.input.min_scale = 0.75
+  config.input.max_scale = 1.25
+  config.input.num_workers = 1
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.pq_weight = 3.0
+  config.loss.mask_id_weight = 0.3
+  config.loss.instance_weight = 1.0
+  config.loss.semantic_weight = 1.0
+  config.loss.instance_temperature = 1.5
+  config.loss.semantic_topk = 1.0
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 2e-3
+  config.optim.warmup_steps = 100
+  config.optim.poly_power = 0.9
+  config.optim.weight_decay = 0.05
+  config.optim.backbone_multiplier = 1.0  # Trained from scratch: no pretrained backbone to protect.
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.eps = 1e-7
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 8
+  config.train.steps = 1500
+  config.train.log_every = 25
+  config.train.checkpoint_every = 250
+  config.train.keep_checkpoints = 3
+  config.train.eval_every = 500
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 8
+  config.eval.postprocess = "demo"  # Thresholds and area limits: panoptic_jax/inference/postprocess.py.
+  config.eval.max_images = 0  # 0 = the whole validation set.
+  config.eval.num_visualizations = 4
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1  # -1: the devices that remain after the other axes.
+  config.mesh.fsdp = 1
+  return config

@@ -1,0 +1,72 @@
+"""The kMaX-DeepLab optimiser: AdamW, linear warm-up then poly decay, weight decay on kernels, backbone LR x 0.1.
+
+DeepLab2's recipe, as pure optax transformations:
+- learning rate `base * step / warmup` during warm-up, then `base * (1 - step / total) ** power` (the poly decay is
+  evaluated at the global step, not restarted after warm-up);
+- decoupled weight decay scaled by the learning rate, on convolution / dense kernels only (never on norms, biases or
+  the cluster centres);
+- the backbone's whole update (Adam step and decay) scaled by `backbone_multiplier`.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 0.9
+                           ) -> optax.Schedule:
+  """Linear warm-up from 0 to `base_lr`, then polynomial decay to 0 at `total_steps`."""
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warmup = base_lr * step / max(warmup_steps, 1)
+    decay = base_lr * jnp.clip(1.0 - step / total_steps, 0.0, 1.0) ** power
+    return jnp.where(step < warmup_steps, warmup, decay)
+
+  return schedule
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def is_kernel(path) -> bool:
+  """Weight decay applies to conv / dense kernels: parameters named `kernel`."""
+  return _path_names(path)[-1] == "kernel"
+
+
+def is_backbone(path) -> bool:
+  """Parameters of the pixel encoder live under the model attribute `backbone`."""
+  return "backbone" in _path_names(path)
+
+
+def _tree_mask(params: Any, predicate: Callable[[Any], bool]) -> Any:
+  return jax.tree_util.tree_map_with_path(lambda path, _: predicate(path), params)
+
+
+def _scale_where(predicate: Callable[[Any], bool], factor: float) -> optax.GradientTransformation:
+  """Multiplies the updates of the parameters whose tree path satisfies `predicate` by `factor`."""
+
+  def update(updates, state, params=None):
+    del params  # The path alone decides.
+    scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * factor if predicate(path) else u, updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(base_lr: float, warmup_steps: int, total_steps: int, weight_decay: float,
+                   backbone_multiplier: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
+                   poly_power: float = 0.9) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """Returns (the optax transformation, its learning-rate schedule for logging)."""
+  schedule = learning_rate_schedule(base_lr, warmup_steps, total_steps, poly_power)
+  transform = optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask=lambda p: _tree_mask(p, is_kernel)),
+      optax.scale_by_learning_rate(schedule),
+      _scale_where(is_backbone, backbone_multiplier),
+  )
+  return transform, schedule
