@@ -30,7 +30,9 @@ def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int, 
 
 
 def _path_names(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+  """Dict keys and sequence indices of a tree path; attribute keys (an NNX Variable's `.value`) are wrappers."""
+  return tuple(str(k.key) if isinstance(k, jax.tree_util.DictKey) else str(k.idx)
+               for k in path if isinstance(k, (jax.tree_util.DictKey, jax.tree_util.SequenceKey)))
 
 
 def is_kernel(path) -> bool:
@@ -41,10 +43,6 @@ def is_kernel(path) -> bool:
 def is_backbone(path) -> bool:
   """Parameters of the pixel encoder live under the model attribute `backbone`."""
   return "backbone" in _path_names(path)
-
-
-def _tree_mask(params: Any, predicate: Callable[[Any], bool]) -> Any:
-  return jax.tree_util.tree_map_with_path(lambda path, _: predicate(path), params)
 
 
 def _scale_where(predicate: Callable[[Any], bool], factor: float) -> optax.GradientTransformation:
@@ -65,7 +63,8 @@ def make_optimizer(base_lr: float, warmup_steps: int, total_steps: int, weight_d
   schedule = learning_rate_schedule(base_lr, warmup_steps, total_steps, poly_power)
   transform = optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, mask=lambda p: _tree_mask(p, is_kernel)),
+      optax.add_decayed_weights(
+          weight_decay, mask=lambda p: jax.tree_util.tree_map_with_path(lambda path, _: is_kernel(path), p)),
       optax.scale_by_learning_rate(schedule),
       _scale_where(is_backbone, backbone_multiplier),
   )

@@ -59,3 +59,20 @@ def test_adam_step_matches_optax_adamw_on_the_head():
 def test_backbone_is_recognised_by_path(path, expected):
   keys = tuple(jax.tree_util.DictKey(k) for k in path)
   assert optim.is_backbone(keys) is expected
+
+
+def test_masks_see_through_nnx_variables():
+  from flax import nnx
+
+  class Tiny(nnx.Module):
+
+    def __init__(self):
+      self.backbone = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      self.norm = nnx.LayerNorm(2, rngs=nnx.Rngs(0))
+
+  params = nnx.state(Tiny(), nnx.Param)
+  kernels = jax.tree_util.tree_map_with_path(lambda p, _: optim.is_kernel(p), params)
+  backbone = jax.tree_util.tree_map_with_path(lambda p, _: optim.is_backbone(p), params)
+  assert kernels["backbone"]["kernel"].get_value() and not kernels["backbone"]["bias"].get_value()
+  assert not kernels["norm"]["scale"].get_value()
+  assert backbone["backbone"]["bias"].get_value() and not backbone["norm"]["bias"].get_value()
