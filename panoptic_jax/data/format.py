@@ -298,13 +298,14 @@ def _panoptic_from_pages(codes: np.ndarray, ids: np.ndarray, info: DatasetInfo, 
   return lookup[keys]
 
 
-def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 1) -> bytes:
+def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 1, id_step: int = 1) -> bytes:
   """Encodes a canonical panoptic map as a 2-page TIFF (zlib), the inverse of `decode_annotation`.
 
   Args:
     panoptic: int32 [H, W] canonical map.
     info: the dataset's metadata.
     downscale: store the maps `downscale` times smaller (nearest), as the format allows.
+    id_step: thing instance k is stored as id `k * id_step` (ids need not be consecutive; > 1 spreads them out).
 
   Returns:
     The file's bytes: page 1 RGB channels-first, page 2 the instance numbers as the smallest unsigned type that holds
@@ -316,7 +317,7 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
     panoptic = _resize_nearest(panoptic, out_hw)
   void = panoptic == VOID
   category = np.where(void, 0, panoptic // info.label_divisor)
-  instance = np.where(void, 0, panoptic % info.label_divisor)
+  instance = np.where(void, 0, panoptic % info.label_divisor).astype(np.int64) * id_step
   if category.max(initial=0) >= info.num_classes or panoptic.min(initial=0) < VOID:
     raise ValueError(f"panoptic map holds values outside 0..{info.num_classes * info.label_divisor - 1} and VOID")
   lut = np.array([c if c is not None else (0, 0, 0) for c in info.colors], np.uint8)
