@@ -1,0 +1,78 @@
+"""Evaluates panoptic predictions against ground truth: PQ / SQ / RQ (panopticapi semantics), mIoU and AP^Th_pan.
+
+Each side is a dataset in the project's format (a folder or s3://bucket/prefix) or COCO panoptic format (JSON + PNG
+folder), in any combination:
+
+  python -m panoptic_jax.evaluate --gt DATASET --pred PREDICTIONS [--out results.json] [--endpoint_url URL]
+  python -m panoptic_jax.evaluate --gt_json panoptic_val2017.json --gt_folder panoptic_val2017 \\
+      --pred_json predictions.json --pred_folder predictions/ [--out results.json]
+
+Categories are the GT's (COCO: the GT JSON's `categories` list, in order, with `isthing`). COCO vs COCO matches
+categories by id and images by image_id (as panopticapi); any other combination matches both by name (image name =
+file stem). AP needs a score for every predicted thing segment (a `score` field in COCO `segments_info`); otherwise
+the output says that AP was not computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from panoptic_jax.evaluation import evaluator as evaluator_lib
+from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m panoptic_jax.evaluate", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--gt", help="GT dataset location (folder or s3://bucket/prefix) in the project's format")
+  parser.add_argument("--gt_json", help="GT in COCO panoptic format: the JSON file")
+  parser.add_argument("--gt_folder", help="GT PNG folder (default: the JSON path without .json)")
+  parser.add_argument("--pred", help="predictions: a location in the project's format")
+  parser.add_argument("--pred_json", help="predictions in COCO panoptic format: the JSON file")
+  parser.add_argument("--pred_folder", help="prediction PNG folder (default: the JSON path without .json)")
+  parser.add_argument("--out", help="write the results as JSON to this file")
+  parser.add_argument("--endpoint_url", help="S3 endpoint for s3:// locations")
+  parser.add_argument("--batch_size", type=int, default=8, help="images per jitted call (default 8)")
+  parser.add_argument("--max_segments", type=int, default=128,
+                      help="initial segments per image of the jitted metric; grows automatically (default 128)")
+  parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding files (default 4)")
+  return parser
+
+
+def _side(parser, args, which: str, reference: CocoPanoptic | None = None) -> evaluator_lib.Side:
+  location, json_path, folder = getattr(args, which), getattr(args, f"{which}_json"), getattr(args, f"{which}_folder")
+  if (location is None) == (json_path is None):
+    parser.error(f"give exactly one of --{which} (project format) or --{which}_json (COCO panoptic format)")
+  if location is not None:
+    if folder is not None:
+      parser.error(f"--{which}_folder goes with --{which}_json, not --{which}")
+    return evaluator_lib.open_dataset_side(location, args.endpoint_url)
+  return evaluator_lib.open_coco_side(json_path, folder, reference)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = _parser()
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  try:
+    gt = _side(parser, args, "gt")
+    pred = _side(parser, args, "pred", reference=gt.coco if args.pred_json and args.gt_json else None)
+    result = evaluator_lib.evaluate_sides(gt, pred, batch_size=args.batch_size, max_segments=args.max_segments,
+                                          num_workers=args.workers)
+  except (evaluator_lib.EvaluationError, CocoFormatError, ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  result["gt"] = gt.describe
+  result["pred"] = pred.describe
+  print(evaluator_lib.format_table(result))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

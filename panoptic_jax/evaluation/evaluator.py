@@ -1,0 +1,336 @@
+"""Host-driven evaluation: batches of canonical maps -> jitted PQ / confusion statistics -> PQ, mIoU and AP.
+
+`Evaluator` takes images one at a time (any sizes), pads them to a common shape (VOID pixels change no statistic),
+runs `panoptic_stats` on fixed-size batches (sharded over the local devices when the batch divides evenly), and
+reduces on the host in float64. Thing segments with scores also feed COCO mask AP (`instance.py`).
+
+`open_side` / `evaluate_sides` read both sides of an evaluation from the project's dataset format or COCO panoptic
+format, align categories and images, and run the Evaluator (used by `python -m panoptic_jax.evaluate`).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from panoptic_jax.evaluation import instance as instance_lib
+from panoptic_jax.evaluation import semantic as semantic_lib
+from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
+from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator,
+                                                      panoptic_stats)
+
+MAX_SEGMENTS_LIMIT = 2048
+
+
+class EvaluationError(ValueError):
+  """The two sides cannot be evaluated together; the message names the image, category or file."""
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+class Evaluator:
+  """Accumulates PQ (panopticapi semantics), mIoU and, when every image comes with scores, AP^Th_pan.
+
+  Args:
+    names: category names (canonical index order).
+    is_thing: per category.
+    label_divisor: of the canonical maps given to `add`.
+    batch_size: images per jitted call (the batch is padded with all-VOID images).
+    max_segments: initial static slots per image; doubled automatically when an image has more.
+    pad_multiple: images are padded to multiples of this (fewer distinct jit shapes).
+    shard: split each batch over the local devices (when batch_size divides evenly).
+  """
+
+  def __init__(self, names: Sequence[str], is_thing: Sequence[bool], label_divisor: int, batch_size: int = 8,
+               max_segments: int = 128, pad_multiple: int = 64, shard: bool = True):
+    self.names = list(names)
+    self.is_thing = np.asarray(is_thing, bool)
+    self.label_divisor = int(label_divisor)
+    self.batch_size = batch_size
+    self.max_segments = max_segments
+    self.pad_multiple = pad_multiple
+    self.pq = PanopticQualityAccumulator(self.names, list(self.is_thing))
+    self.confusion = np.zeros((len(self.names), len(self.names) + 1), np.int64)
+    self.ap = instance_lib.InstanceAPAccumulator(self.names)
+    self.ap_missing: list[str] = []  # Images added without scores.
+    self._pending: list[tuple] = []
+    self._sharding = None
+    devices = jax.local_devices()
+    if shard and len(devices) > 1 and batch_size % len(devices) == 0:
+      self._sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+
+  def add(self, gt: np.ndarray, pred: np.ndarray, gt_crowd: np.ndarray | None = None,
+          scores: Mapping[int, float] | None = None, name: str | None = None,
+          extra_fn: Mapping[int, int] | None = None) -> None:
+    """Adds one image.
+
+    Args:
+      gt, pred: int32 [H, W] canonical maps (same shape, same categories and label divisor).
+      gt_crowd: optional int32 [H, W] crowd map (see panoptic_quality).
+      scores: predicted canonical value -> score for the thing segments (enables AP), or None.
+      name: for error messages.
+      extra_fn: category index -> false negatives to add (GT segments listed but absent from the map).
+    """
+    name = name if name is not None else f"image {self.pq.num_images + len(self._pending)}"
+    gt, pred = np.asarray(gt, np.int32), np.asarray(pred, np.int32)
+    if gt.shape != pred.shape or gt.ndim != 2:
+      raise EvaluationError(f"{name}: ground truth is {gt.shape[0]}x{gt.shape[1]} but the prediction is "
+                            f"{'x'.join(map(str, pred.shape))}; they must have the same size")
+    if gt_crowd is not None and gt_crowd.shape != gt.shape:
+      raise EvaluationError(f"{name}: crowd map shape {gt_crowd.shape} differs from the GT map {gt.shape}")
+    c = len(self.names)
+    for side, m in (("ground truth", gt), ("prediction", pred)):
+      if m.size and (m.min() < VOID or m.max() >= c * self.label_divisor):
+        raise EvaluationError(f"{name}: the {side} holds values outside VOID and 0..{c * self.label_divisor - 1} "
+                              f"({c} categories x label_divisor {self.label_divisor})")
+    if extra_fn:
+      for k, n in extra_fn.items():
+        self.pq.fn[k] += n
+    if scores is None:
+      self.ap_missing.append(name)
+    elif not self.ap_missing:
+      self.ap.add_image(instance_lib.thing_instances(gt, gt_crowd, pred, scores, self.is_thing, self.label_divisor))
+    self._pending.append((name, gt, pred, gt_crowd))
+    if len(self._pending) == self.batch_size:
+      self.flush()
+
+  def flush(self) -> None:
+    """Runs the pending images."""
+    if not self._pending:
+      return
+    items, self._pending = self._pending, []
+    h = _round_up(max(i[1].shape[0] for i in items), self.pad_multiple)
+    w = _round_up(max(i[1].shape[1] for i in items), self.pad_multiple)
+    b = self.batch_size
+    gt = np.full((b, h, w), VOID, np.int32)
+    pred = np.full((b, h, w), VOID, np.int32)
+    crowd = np.full((b, h, w), NO_CROWD, np.int32)
+    for k, (_, g, p, cr) in enumerate(items):
+      gt[k, :g.shape[0], :g.shape[1]] = g
+      pred[k, :p.shape[0], :p.shape[1]] = p
+      if cr is not None:
+        crowd[k, :g.shape[0], :g.shape[1]] = cr
+    names = [i[0] for i in items] + [f"padding {k}" for k in range(b - len(items))]
+    valid = np.arange(b) < len(items)
+    if self._sharding is not None:
+      gt, pred, crowd = (jax.device_put(x, self._sharding) for x in (gt, pred, crowd))
+    while True:
+      stats = panoptic_stats(gt, pred, crowd, num_categories=len(self.names), label_divisor=self.label_divisor,
+                             max_segments=self.max_segments, with_confusion=True)
+      stats = jax.device_get(stats)
+      needed = int(max(stats["num_gt_slots"].max(), stats["num_pred_slots"].max()))
+      if needed <= self.max_segments:
+        break
+      if needed > MAX_SEGMENTS_LIMIT:
+        self.pq.update(stats, names)  # Raises SegmentOverflowError naming the image.
+      self.max_segments = min(MAX_SEGMENTS_LIMIT, 1 << (needed - 1).bit_length())
+      logging.info("PQ: an image has %d segments; recompiling with max_segments=%d", needed, self.max_segments)
+    self.pq.update(stats, names, valid)
+    self.confusion += stats["confusion"]
+
+  def result(self) -> dict:
+    """{"panoptic": PQ results, "semantic": mIoU results, "instance": AP results or {"computed": False, "reason"}}."""
+    self.flush()
+    out = {"panoptic": self.pq.result(), "semantic": semantic_lib.miou_from_confusion(self.confusion, self.names)}
+    if self.ap_missing:
+      shown = ", ".join(self.ap_missing[:3]) + (" ..." if len(self.ap_missing) > 3 else "")
+      out["instance"] = {"computed": False,
+                         "reason": f"AP not computed: no segment scores for {len(self.ap_missing)} images ({shown})"}
+    else:
+      out["instance"] = {"computed": True, **self.ap.result()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sides: the project's dataset format or COCO panoptic format.
+
+
+@dataclasses.dataclass
+class Side:
+  """One side of an evaluation.
+
+  Attributes:
+    describe: where it comes from (for messages).
+    names: image keys, in evaluation order.
+    categories: category names in canonical order.
+    is_thing: per category.
+    label_divisor: of the maps `load` returns.
+    coco: the COCO reader (COCO format) or None.
+    dataset: the Dataset (project format) or None.
+  """
+
+  describe: str
+  names: list[str]
+  categories: list[str]
+  is_thing: list[bool]
+  label_divisor: int
+  coco: CocoPanoptic | None = None
+  dataset: object | None = None
+  category_ids: list[int] | None = None  # COCO category ids in canonical order.
+  positions: dict[str, int] | None = None  # Dataset example index of each name.
+
+  @property
+  def image_ids(self) -> dict:
+    return dict(self.coco.image_ids) if self.coco is not None else {n: n for n in self.names}
+
+
+def open_dataset_side(location: str, endpoint_url: str | None = None) -> Side:
+  from panoptic_jax.data.dataset import Dataset  # Imported here: the data package is only needed for this side.
+
+  dataset = Dataset.open(location, endpoint_url, require_images=False)
+  info = dataset.info
+  return Side(f"dataset {location}", list(dataset.names), list(info.categories), list(info.is_thing),
+              info.label_divisor, dataset=dataset, positions={n: i for i, n in enumerate(dataset.names)})
+
+
+def open_coco_side(json_path: str, folder: str | None, reference: CocoPanoptic | None = None) -> Side:
+  """A COCO panoptic side; categories from its own JSON or, for predictions without categories, the reference's."""
+  coco = CocoPanoptic.open(json_path, folder)
+  categories = coco.categories or (reference.categories if reference is not None else [])
+  if not categories:
+    raise CocoFormatError(f"{json_path}: no 'categories' list; it is needed to name the categories")
+  per_category = 1
+  for ann in coco.annotations.values():
+    counts = np.unique([s.get("category_id") for s in ann["segments_info"]], return_counts=True)[1]
+    per_category = max(per_category, int(counts.max(initial=0)) + 1)
+  label_divisor = max(1000, per_category)
+  return Side(f"COCO panoptic {json_path}", list(coco.annotations), [c.name for c in categories],
+              [c.isthing for c in categories], label_divisor, coco=coco, category_ids=[c.id for c in categories])
+
+
+def _pair_images(gt: Side, pred: Side) -> list[tuple[str, str]]:
+  """(gt key, pred key) pairs: by image_id when both sides are COCO (as panopticapi), else by name."""
+  if gt.coco is not None and pred.coco is not None:
+    gt_ids, pred_ids = gt.image_ids, pred.image_ids
+    by_id = {v: k for k, v in pred_ids.items()}
+    pairs = [(k, by_id.get(v)) for k, v in gt_ids.items()]
+    missing = [f"{k} (image_id {gt_ids[k]!r})" for k, p in pairs if p is None]
+    extra = sorted(str(pred_ids[k]) for k in set(pred_ids) - {p for _, p in pairs})
+  else:
+    pred_names = set(pred.names)
+    pairs = [(k, k if k in pred_names else None) for k in gt.names]
+    missing = [k for k, p in pairs if p is None]
+    extra = sorted(pred_names - set(gt.names))
+  if missing or extra:
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} GT images have no prediction: {', '.join(missing[:10])}"
+                   + (" ..." if len(missing) > 10 else ""))
+    if extra:
+      parts.append(f"{len(extra)} predictions have no GT image: {', '.join(extra[:10])}"
+                   + (" ..." if len(extra) > 10 else ""))
+    raise EvaluationError(f"the image sets differ ({gt.describe} vs {pred.describe}): " + "; ".join(parts))
+  return pairs
+
+
+def _category_mapping(gt: Side, pred: Side) -> np.ndarray:
+  """pred category index -> GT category index (COCO vs COCO: by category id, as panopticapi; else by name).
+
+  Unknown predicted categories map to -1 (an error if they occur in a prediction)."""
+  if gt.coco is not None and pred.coco is not None:
+    gt_index = {cid: k for k, cid in enumerate(gt.category_ids)}
+    return np.array([gt_index.get(cid, -1) for cid in pred.category_ids], np.int64)
+  gt_index = {name: k for k, name in enumerate(gt.categories)}
+  return np.array([gt_index.get(name, -1) for name in pred.categories], np.int64)
+
+
+def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray | None):
+  """One image of a side as (panoptic in GT indexing and divisor, crowd, scores or None, extra_fn)."""
+  if side.coco is not None:
+    if is_gt or mapping is None:
+      index = {cid: k for k, cid in enumerate(side.category_ids)}
+    else:  # COCO category id -> GT index.
+      index = {cid: int(mapping[k]) for k, cid in enumerate(side.category_ids) if mapping[k] >= 0}
+      names = {cid: side.categories[k] for k, cid in enumerate(side.category_ids)}
+      for seg in side.coco.annotations[key]["segments_info"]:
+        cid = seg.get("category_id")
+        if cid not in index:
+          what = f"{names[cid]!r} (id {cid})" if cid in names else f"id {cid}"
+          raise EvaluationError(f"{side.describe}: image {key}: predicted category {what} is not a GT category")
+    loaded = side.coco.load(key, index, gt_side.label_divisor, is_gt)
+    scores = loaded.scores
+    thing_values = [v for v, k, crowd in loaded.segments if v is not None and gt_side.is_thing[k]]
+    has_scores = bool(loaded.scores) and all(v in loaded.scores for v in thing_values)
+    return loaded.panoptic, loaded.crowd, (scores if has_scores else None), loaded.missing_fn
+  dataset = side.dataset
+  panoptic = dataset.read_panoptic(side.positions[key])
+  if mapping is not None:
+    valid = panoptic >= 0
+    category = np.where(valid, panoptic // side.label_divisor, 0)
+    instance = np.where(valid, panoptic % side.label_divisor, 0)
+    bad = np.unique(category[valid & (mapping[category] < 0)])
+    if bad.size:
+      raise EvaluationError(f"{side.describe}: image {key}: predicted categories "
+                            f"{[side.categories[k] for k in bad]} are not GT categories")
+    if instance.max(initial=0) >= gt_side.label_divisor:
+      raise EvaluationError(f"{side.describe}: image {key}: instance id {instance.max()} does not fit the GT "
+                            f"label_divisor {gt_side.label_divisor}")
+    panoptic = np.where(valid, mapping[category] * gt_side.label_divisor + instance, VOID).astype(np.int32)
+  return panoptic, None, None, {}
+
+
+def evaluate_sides(gt: Side, pred: Side, batch_size: int = 8, max_segments: int = 128, num_workers: int = 4,
+                   progress: bool = True) -> dict:
+  """Evaluates `pred` against `gt`: the result of `Evaluator.result()` plus "categories" and "num_images"."""
+  pairs = _pair_images(gt, pred)
+  mapping = _category_mapping(gt, pred)
+  evaluator = Evaluator(gt.categories, gt.is_thing, gt.label_divisor, batch_size=batch_size,
+                        max_segments=max_segments)
+
+  def load_pair(pair):
+    g_key, p_key = pair
+    g = _load(gt, g_key, True, gt, None)
+    p = _load(pred, p_key, False, gt, mapping)
+    return g_key, g, p
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    for i, (key, g, p) in enumerate(pool.map(load_pair, pairs)):
+      evaluator.add(g[0], p[0], g[1], scores=p[2], name=key, extra_fn=g[3])
+      if progress and (i + 1) % 100 == 0:
+        logging.info("evaluated %d / %d images", i + 1, len(pairs))
+  out = evaluator.result()
+  out["num_images"] = len(pairs)
+  out["categories"] = [{"index": k, "name": n, "isthing": bool(t)} for k, (n, t) in
+                       enumerate(zip(gt.categories, gt.is_thing))]
+  return out
+
+
+def format_table(result: Mapping) -> str:
+  """panopticapi-style text table: All / Things / Stuff, per category, mIoU and AP."""
+
+  def pct(x):
+    return "   n/a" if x is None else f"{100 * x:6.2f}"
+
+  pq = result["panoptic"]
+  lines = [f"{'':14s} |     PQ     SQ     RQ |    N", "-" * 44]
+  for group in ("All", "Things", "Stuff"):
+    g = pq[group]
+    note = "  (no category with segments)" if g["n"] == 0 else ""
+    lines.append(f"{group:14s} | {pct(g['pq'])} {pct(g['sq'])} {pct(g['rq'])} | {g['n']:4d}{note}")
+  lines += ["", f"{'category':24s} {'th':>2s} |     PQ     SQ     RQ |     tp     fp     fn", "-" * 72]
+  omitted = sum(1 for e in pq["per_category"].values() if not e["counted"])
+  for name, e in pq["per_category"].items():
+    if not e["counted"]:
+      continue
+    lines.append(f"{name[:24]:24s} {'T' if e['isthing'] else 'S':>2s} | {pct(e['pq'])} {pct(e['sq'])} "
+                 f"{pct(e['rq'])} | {e['tp']:6d} {e['fp']:6d} {e['fn']:6d}")
+  if omitted:
+    lines.append(f"({omitted} categories with no segment on either side are not listed and not averaged)")
+  sem = result["semantic"]
+  lines += ["", f"mIoU {pct(sem['mIoU'])}  (mean over the {sem['n_classes_with_gt']} classes with GT pixels; over the "
+            f"{sem['n_classes_with_union']} classes with a non-empty union: {pct(sem['mIoU_classes_with_union'])})"]
+  inst = result["instance"]
+  if inst.get("computed"):
+    lines.append("AP^Th_pan " + "  ".join(f"{k} {pct(inst[k]) if inst[k] >= 0 else '   n/a'}"
+                                          for k in instance_lib.STAT_NAMES[:6]))
+  else:
+    lines.append(inst["reason"])
+  return "\n".join(lines)

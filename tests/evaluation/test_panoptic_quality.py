@@ -1,0 +1,239 @@
+"""PQ against panopticapi's golden numbers (shared fixtures), hotcoco on random pairs, edge cases, sharding."""
+
+import contextlib
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from panoptic_jax.evaluation import evaluator as evaluator_lib
+from panoptic_jax.evaluation.panoptic_quality import (PanopticQualityAccumulator, SegmentOverflowError,
+                                                      panoptic_stats)
+
+from . import coco_cases
+
+FIXTURE_CASES = [
+    # (case, folder, gt json, gt folder, pred json, pred folder)
+    ("panopticapi_sample_gt_vs_gt", "panopticapi_sample", "panoptic_examples.json", "panoptic_examples",
+     "panoptic_examples.json", "panoptic_examples"),
+    ("panopticapi_sample_pred_edits", "panopticapi_sample", "panoptic_examples.json", "panoptic_examples",
+     "derived_predictions/pred_edits.json", "derived_predictions/pred_edits"),
+    ("panopticapi_sample_pred_crowd", "panopticapi_sample", "panoptic_examples.json", "panoptic_examples",
+     "derived_predictions/pred_crowd.json", "derived_predictions/pred_crowd"),
+    ("tfmodels_deeplab_coco", "tfmodels_deeplab_eval_testdata", "coco_gt.json", "coco_gt", "coco_pred.json",
+     "coco_pred"),
+]
+
+
+def _evaluate_coco(gt_json, gt_folder, pred_json, pred_folder, **kwargs):
+  gt = evaluator_lib.open_coco_side(str(gt_json), str(gt_folder))
+  pred = evaluator_lib.open_coco_side(str(pred_json), str(pred_folder), reference=gt.coco)
+  return evaluator_lib.evaluate_sides(gt, pred, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("case,folder,gt_json,gt_folder,pred_json,pred_folder", FIXTURE_CASES,
+                         ids=[c[0] for c in FIXTURE_CASES])
+def test_fixtures_match_panopticapi(shared_fixtures, case, folder, gt_json, gt_folder, pred_json, pred_folder):
+  root = shared_fixtures / folder
+  expected = json.loads((root / "expected_results.json").read_text())["cases"][case]
+  result = _evaluate_coco(root / gt_json, root / gt_folder, root / pred_json, root / pred_folder)
+  pq, reference = result["panoptic"], expected["panopticapi"]
+  for group in ("All", "Things", "Stuff"):
+    assert pq[group]["n"] == reference[group]["n"]
+    for metric in ("pq", "sq", "rq"):
+      assert pq[group][metric] == pytest.approx(reference[group][metric], abs=1e-9), (group, metric)
+  counted = {name for name, e in pq["per_category"].items() if e["counted"]}
+  assert counted == {v["name"] for v in reference["per_category"].values()}
+  for v in reference["per_category"].values():
+    ours = pq["per_category"][v["name"]]
+    assert (ours["tp"], ours["fp"], ours["fn"]) == (v["tp"], v["fp"], v["fn"]), v["name"]
+    assert ours["iou_sum"] == pytest.approx(v["iou_sum"], abs=1e-9)
+    assert ours["isthing"] == bool(v["isthing"])
+  # mIoU, both conventions, and per-class IoU.
+  sem, sem_ref = result["semantic"], expected["semantic"]
+  assert sem["mIoU_classes_with_gt"] == pytest.approx(sem_ref["mIoU_classes_with_gt (detectron2)"], abs=1e-12)
+  assert sem["mIoU_classes_with_union"] == pytest.approx(
+      sem_ref["mIoU_classes_with_union (keras/mmseg/cityscapes)"], abs=1e-12)
+  names = {cid: v["name"] for cid, v in reference["per_category"].items()}
+  for cid, iou in sem_ref["per_class_iou"].items():
+    assert sem["per_class"][names[cid]]["iou"] == pytest.approx(iou, abs=1e-12)
+  assert result["instance"]["computed"] is False and "AP not computed" in result["instance"]["reason"]
+
+
+def _cityscapes_side(shared_fixtures, tmp_path):
+  """The DeepLab2 Cityscapes dummy GT with a categories list (its JSON has none): 19 train ids."""
+  root = shared_fixtures / "deeplab2_cityscapes_dummy" / "gtFine"
+  data = json.loads((root / "cityscapes_panoptic_dummy_trainId.json").read_text())
+  names = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+           "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+  data["annotations"][0]["image_id"] = 1  # hotcoco (the cross-check below) wants integer image ids.
+  data["categories"] = [{"id": k, "name": n, "isthing": int(k >= 11)} for k, n in enumerate(names)]
+  path = tmp_path / "cityscapes_gt.json"
+  path.write_text(json.dumps(data))
+  return path, root / "cityscapes_panoptic_dummy_trainId", data
+
+
+def test_cityscapes_dummy_gt_vs_itself_and_crowd(shared_fixtures, tmp_path):
+  gt_json, gt_folder, data = _cityscapes_side(shared_fixtures, tmp_path)
+  result = _evaluate_coco(gt_json, gt_folder, gt_json, gt_folder)
+  pq = result["panoptic"]
+  assert pq["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 5}
+  car = pq["per_category"]["car"]
+  assert (car["tp"], car["fp"], car["fn"]) == (5, 0, 0)  # The crowd region (predicted as a car) is forgiven.
+
+  # Cross-check a perturbed prediction against hotcoco.
+  from PIL import Image
+  ids = np.asarray(Image.open(gt_folder / data["annotations"][0]["file_name"]).convert("RGB"), np.int64)
+  ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
+  pred = np.roll(ids, 7, axis=1)
+  pred[:100] = 0
+  info = [{"id": s["id"], "category_id": s["category_id"], "iscrowd": 0} for s in data["annotations"][0]["segments_info"]
+          if (pred == s["id"]).any()]
+  pred_case = {"image_id": data["annotations"][0]["image_id"], "file_stem": "dummy_000000_000000_gtFine_panoptic",
+               "ids": pred, "segments_info": info}
+  pred_json, pred_folder = coco_cases.write_coco(tmp_path, "pred", [pred_case], json.loads(gt_json.read_text())[
+      "categories"])
+  ours = _evaluate_coco(gt_json, gt_folder, pred_json, pred_folder)["panoptic"]
+  from hotcoco.panoptic import pq_compute
+  with contextlib.redirect_stdout(io.StringIO()):
+    reference = pq_compute(str(gt_json), pred_json, str(gt_folder), pred_folder)
+  for group in ("All", "Things", "Stuff"):
+    for metric in ("pq", "sq", "rq", "n"):
+      assert ours[group][metric] == pytest.approx(reference[group][metric], abs=1e-9)
+
+
+def _hotcoco_per_class(reference, category_id):
+  per_class = reference["per_class"]
+  return per_class.get(category_id, per_class.get(str(category_id)))
+
+
+def test_random_pairs_match_hotcoco(tmp_path):
+  rng = np.random.default_rng(1234)
+  gts, preds = zip(*(coco_cases.random_pair(rng, i + 1) for i in range(240)))
+  gt_json, gt_folder = coco_cases.write_coco(tmp_path, "gt", list(gts))
+  pred_json, pred_folder = coco_cases.write_coco(tmp_path, "pred", list(preds))
+  from hotcoco.panoptic import pq_compute
+  with contextlib.redirect_stdout(io.StringIO()):
+    reference = pq_compute(gt_json, pred_json, gt_folder, pred_folder)
+  gt = evaluator_lib.open_coco_side(gt_json, gt_folder)
+  pred = evaluator_lib.open_coco_side(pred_json, pred_folder)
+  result = evaluator_lib.evaluate_sides(gt, pred, progress=False, batch_size=16)
+  pq = result["panoptic"]
+  for group in ("All", "Things", "Stuff"):
+    for metric in ("pq", "sq", "rq", "n"):
+      assert pq[group][metric] == pytest.approx(reference[group][metric], abs=1e-9), (group, metric)
+  for c in coco_cases.CATEGORIES:
+    ref, ours = _hotcoco_per_class(reference, c["id"]), pq["per_category"][c["name"]]
+    assert (ours["tp"], ours["fp"], ours["fn"]) == (ref["tp"], ref["fp"], ref["fn"]), c["name"]
+    assert ours["iou_sum"] == pytest.approx(ref["iou"], abs=1e-9)
+  assert result["instance"]["computed"]  # Random predictions carry scores.
+
+  # Per image as well (a few): catches compensating errors.
+  for i in range(0, 240, 40):
+    sub = tmp_path / f"one{i}"
+    gj, gf = coco_cases.write_coco(sub, "gt", [gts[i]])
+    pj, pf = coco_cases.write_coco(sub, "pred", [preds[i]])
+    with contextlib.redirect_stdout(io.StringIO()):
+      ref = pq_compute(gj, pj, gf, pf)
+    ours = _evaluate_coco(gj, gf, pj, pf, batch_size=16)["panoptic"]
+    for c in coco_cases.CATEGORIES:
+      r, o = _hotcoco_per_class(ref, c["id"]), ours["per_category"][c["name"]]
+      assert (o["tp"], o["fp"], o["fn"]) == (r["tp"], r["fp"], r["fn"]), (i, c["name"])
+
+
+def _stats(gt, pred, crowd=None, c=3, div=100, s=16):
+  return panoptic_stats(np.asarray(gt, np.int32)[None], np.asarray(pred, np.int32)[None],
+                        None if crowd is None else np.asarray(crowd, np.int32)[None], num_categories=c,
+                        label_divisor=div, max_segments=s)
+
+
+def _result(stats, c=3):
+  acc = PanopticQualityAccumulator([f"c{k}" for k in range(c)], [True, False, True][:c])
+  acc.update(stats)
+  return acc.result()
+
+
+def test_empty_prediction_all_false_negatives():
+  gt = np.array([[101, 101, 200], [101, 201, -1]])
+  r = _result(_stats(gt, np.full_like(gt, -1)))
+  assert [r["per_category"][f"c{k}"]["fn"] for k in range(3)] == [0, 1, 2]  # 101: category 1; 200, 201: 2.
+  assert r["All"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 2}
+
+
+def test_everything_void_gives_n_zero():
+  void = np.full((4, 5), -1)
+  r = _result(_stats(void, void))
+  for group in ("All", "Things", "Stuff"):
+    assert r[group] == {"pq": None, "sq": None, "rq": None, "n": 0}
+  assert not any(e["counted"] for e in r["per_category"].values())
+  table = evaluator_lib.format_table({"panoptic": r, "semantic": {"mIoU": None, "n_classes_with_gt": 0,
+                                                                  "n_classes_with_union": 0,
+                                                                  "mIoU_classes_with_union": None},
+                                      "instance": {"computed": False, "reason": "AP not computed: test"}})
+  assert "no category with segments" in table
+
+
+def test_single_category_iou_boundary_and_void_union():
+  # GT segment of 4 px; the prediction covers 2 of them + 2 GT-VOID px: union = 4 + 4 - 2 - 2 = 4, IoU = 0.5 exactly,
+  # which is not > 0.5: no match. Its VOID share is 2/4 = 0.5, not > 0.5: an FP too.
+  gt = np.array([[5, 5, 5, 5, -1, -1]])
+  pred = np.array([[5, 5, -1, -1, 5, 5]])
+  e = _result(_stats(gt, pred, c=1, div=100), c=1)["per_category"]["c0"]
+  assert (e["tp"], e["fp"], e["fn"]) == (0, 1, 1)
+  # One more predicted pixel on GT VOID: IoU = 2 / (4 + 5 - 2 - 3) = 0.5 still; VOID share 3/5 > 0.5: forgiven.
+  gt = np.array([[5, 5, 5, 5, -1, -1, -1]])
+  pred = np.array([[5, 5, -1, -1, 5, 5, 5]])
+  e = _result(_stats(gt, pred, c=1, div=100), c=1)["per_category"]["c0"]
+  assert (e["tp"], e["fp"], e["fn"]) == (0, 0, 1)
+  # A match: 3 of 4 covered, union = 4 + 4 - 3 - 1 = 4, IoU = 0.75.
+  gt = np.array([[5, 5, 5, 5, -1]])
+  pred = np.array([[7, 7, 7, -1, 7]])
+  e = _result(_stats(gt, pred, c=1, div=100), c=1)["per_category"]["c0"]
+  assert (e["tp"], e["fp"], e["fn"], e["iou_sum"]) == (1, 0, 0, 0.75)
+
+
+def test_crowd_forgives_same_category_only():
+  # Crowd of category 0 covers the right half; a predicted category-0 segment lies mostly inside it.
+  gt = np.array([[1, 1, -1, -1, -1, -1]] * 2)
+  crowd = np.array([[-1, -1, 0, 0, 0, 0]] * 2)
+  pred_same = np.array([[1, 1, 2, 2, 2, 2]] * 2)
+  r = _result(_stats(gt, pred_same, crowd, c=1, div=100), c=1)["per_category"]["c0"]
+  assert (r["tp"], r["fp"], r["fn"]) == (1, 0, 0)
+  pred_other = np.array([[1, 1, 102, 102, 102, 102]] * 2)  # Category 1 over a category-0 crowd: an FP.
+  r = _result(_stats(gt, pred_other, crowd, c=2, div=100), c=2)["per_category"]
+  assert (r["c0"]["tp"], r["c1"]["fp"]) == (1, 1)
+
+
+def test_segment_overflow_is_a_clear_error():
+  gt = np.arange(40).reshape(4, 10)
+  with pytest.raises(SegmentOverflowError, match="max_segments=16"):
+    _result(_stats(gt, gt, c=1, div=100, s=16), c=1)
+  # The Evaluator grows max_segments by itself.
+  ev = evaluator_lib.Evaluator(["a"], [True], 100, batch_size=1, max_segments=16, shard=False)
+  ev.add(gt, gt)
+  assert ev.result()["panoptic"]["per_category"]["a"]["tp"] == 40
+
+
+def test_sharded_batch_equals_unsharded():
+  rng = np.random.default_rng(0)
+  maps = []
+  for _ in range(16):
+    g, p = coco_cases.random_pair(rng, 1, unlisted=False)
+    maps.append((np.where(g["ids"] > 0, g["ids"] % 7 * 100 + 1, -1), np.where(p["ids"] > 0, p["ids"] % 7 * 100 + 1,
+                                                                            -1)))
+  results = []
+  for shard in (True, False):
+    ev = evaluator_lib.Evaluator([f"c{k}" for k in range(7)], [True] * 7, 100, batch_size=8, shard=shard)
+    assert (ev._sharding is not None) == (shard and len(jax.local_devices()) == 8)
+    for g, p in maps:
+      ev.add(g, p)
+    results.append(ev.result()["panoptic"])
+  assert results[0] == results[1]
+
+
+def test_shape_mismatch_names_the_image():
+  ev = evaluator_lib.Evaluator(["a"], [True], 100)
+  with pytest.raises(evaluator_lib.EvaluationError, match="img7.*same size"):
+    ev.add(np.zeros((4, 4)), np.zeros((4, 5)), name="img7")
