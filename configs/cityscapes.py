@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (1025, 2049)
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0
+  config.input.resize_to_crop = False
   config.input.num_workers = 8
 
   config.loss = ml_collections.ConfigDict()
@@ -39,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.instance_weight = 1.0
   config.loss.semantic_weight = 1.0
   config.loss.instance_temperature = 0.6
+  config.loss.instance_sample_k = 4096
   config.loss.semantic_topk = 0.2  # Hard-pixel mining: the top 20% of the pixel losses.
 
   config.optim = ml_collections.ConfigDict()

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (1281, 1281)
   config.input.min_scale = 0.3
   config.input.max_scale = 1.7
+  config.input.resize_to_crop = True  # COCO recipe: the long side is resized to the crop first.
   config.input.num_workers = 8
 
   config.loss = ml_collections.ConfigDict()
@@ -38,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.instance_weight = 1.0
   config.loss.semantic_weight = 1.0
   config.loss.instance_temperature = 1.5
+  config.loss.instance_sample_k = 4096
   config.loss.semantic_topk = 1.0
 
   config.optim = ml_collections.ConfigDict()

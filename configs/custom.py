@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (641, 641)  # EDIT: output_stride * k + 1; the long image side is a good start.
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0
+  config.input.resize_to_crop = True  # Resize the long side to the crop before the random scale.
   config.input.num_workers = 8  # Worker processes decoding and augmenting; about the number of host cores.
 
   config.loss = ml_collections.ConfigDict()
@@ -41,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.instance_weight = 1.0
   config.loss.semantic_weight = 1.0
   config.loss.instance_temperature = 1.5
+  config.loss.instance_sample_k = 4096
   config.loss.semantic_topk = 1.0  # < 1 mines the hardest pixels (Cityscapes uses 0.2).
 
   config.optim = ml_collections.ConfigDict()

@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (129, 257)
   config.input.min_scale = 0.75
   config.input.max_scale = 1.25
+  config.input.resize_to_crop = False
   config.input.num_workers = 1
 
   config.loss = ml_collections.ConfigDict()
@@ -44,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.instance_weight = 1.0
   config.loss.semantic_weight = 1.0
   config.loss.instance_temperature = 1.5
+  config.loss.instance_sample_k = 1024  # The demo's 33x65 outputs have 2145 pixels.
   config.loss.semantic_topk = 1.0
 
   config.optim = ml_collections.ConfigDict()
