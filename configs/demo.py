@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8
-  config.eval.postprocess = "demo"  # Thresholds and area limits: panoptic_jax/inference/postprocess.py.
+  config.eval.postprocess = "synthetic"  # Thresholds and area limits: panoptic_jax/inference/postprocess.py.
   config.eval.max_images = 0  # 0 = the whole validation set.
   config.eval.num_visualizations = 4
 

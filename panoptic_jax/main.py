@@ -41,6 +41,13 @@ def _initialise_jax() -> None:
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
 
 
+class _QuietLibraries:
+  """Keeps Orbax's per-save INFO chatter off the console (its warnings and errors still show)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -50,6 +57,7 @@ def main(argv) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/demo.py")
   config_validation.validate(config)  # Before anything compiles or touches the data.
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   _initialise_jax()
   train.run(config, _WORKDIR.value, _MODE.value)
 

@@ -190,7 +190,7 @@ def _category_page_to_hwc(page: np.ndarray, where: str) -> np.ndarray:
   raise FormatError(f"{where}: page 1 must be an RGB image [3, H, W] or [H, W, 3]; found shape {page.shape}")
 
 
-def _resize_nearest(label: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+def resize_nearest(label: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   """Nearest-neighbour resize of a [h, w] map to `out_hw`, sampling each output pixel's centre."""
   h, w = label.shape
   rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * h / out_hw[0]).astype(np.int64), h - 1)
@@ -245,7 +245,7 @@ def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] 
   panoptic = _panoptic_from_pages(_pack_rgb(rgb), ids, info, where)
   if image_hw is not None and tuple(image_hw) != panoptic.shape:
     _check_scale(panoptic.shape, tuple(image_hw), where)
-    panoptic = _resize_nearest(panoptic, tuple(image_hw))
+    panoptic = resize_nearest(panoptic, tuple(image_hw))
   return panoptic
 
 
@@ -314,7 +314,7 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
   panoptic = np.asarray(panoptic)
   if downscale > 1:
     out_hw = (-(-panoptic.shape[0] // downscale), -(-panoptic.shape[1] // downscale))
-    panoptic = _resize_nearest(panoptic, out_hw)
+    panoptic = resize_nearest(panoptic, out_hw)
   void = panoptic == VOID
   category = np.where(void, 0, panoptic // info.label_divisor)
   instance = np.where(void, 0, panoptic % info.label_divisor).astype(np.int64) * id_step

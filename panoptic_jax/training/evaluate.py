@@ -1,0 +1,128 @@
+"""Evaluation of the model being trained: predictions at the original resolution scored like the official tools.
+
+The model runs jitted on padded eval crops; on the host each prediction is cut to its content, resized (nearest) to
+the image's original size and compared with the original ground truth, so the numbers are those of panopticapi on
+full-resolution maps, not of resized labels.
+"""
+
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from panoptic_jax import visualize
+from panoptic_jax.data import pipeline
+from panoptic_jax.data.dataset import Dataset
+from panoptic_jax.data.format import resize_nearest
+from panoptic_jax.evaluation.evaluator import Evaluator, format_table
+from panoptic_jax.inference import postprocess
+from panoptic_jax.training import sharding
+
+
+def _predict(model_def, pp_config: postprocess.PostprocessConfig, is_thing: jax.Array, label_divisor: int,
+             state: dict, images: jax.Array) -> dict[str, jax.Array]:
+  """[B, H, W, 3] -> canonical panoptic [B, H, W] and per-slot segment scores."""
+  model = nnx.merge(model_def.eval_graph, state["params"], state["model_state"], copy=True)
+  outputs = model(images)
+  merged = postprocess.postprocess(outputs["mask_logits"], outputs["class_logits"], images.shape[1:3], is_thing,
+                                   pp_config, label_divisor)
+  keys = ("panoptic", "segment_category", "segment_instance", "segment_score", "segment_valid")
+  return {k: merged[k] for k in keys}
+
+
+def _segment_scores(pred: dict[str, np.ndarray], label_divisor: int) -> dict[int, float]:
+  """Canonical value -> score of each pasted segment (AP ranks the thing segments by it)."""
+  valid = pred["segment_valid"]
+  values = pred["segment_category"][valid] * label_divisor + pred["segment_instance"][valid]
+  return dict(zip(values.tolist(), pred["segment_score"][valid].tolist()))
+
+
+def _gather(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Every process's rows of a per-process numpy batch, concatenated in process order (the global batch order)."""
+  if jax.process_count() == 1:
+    return tree
+  return jax.tree.map(lambda x: np.concatenate(list(x)), multihost_utils.process_allgather(tree))
+
+
+class ModelEvaluator:
+  """Runs one pass over the validation set and returns PQ / SQ / RQ, mIoU and mask AP."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_def, dataset: Dataset, mesh,
+               pipeline_config: pipeline.PipelineConfig, workdir: pathlib.Path):
+    self._dataset = dataset
+    self._info = dataset.info
+    self._mesh = mesh
+    self._pipeline_config = pipeline_config
+    self._max_images = config.eval.max_images
+    self._num_pictures = config.eval.num_visualizations
+    self._pictures_dir = workdir / "visualizations"
+    pp_config = postprocess.get_preset(config.eval.postprocess)
+    is_thing = jnp.asarray(self._info.is_thing, bool)
+    predict = lambda state, images: _predict(model_def, pp_config, is_thing, self._info.label_divisor, state, images)
+    self._predict = jax.jit(predict)
+
+  def evaluate(self, state: dict, step: int) -> dict[str, Any]:
+    """Returns {"scalars": {...}, "table": str, "result": the full nested result}."""
+    info = self._info
+    evaluator = Evaluator(info.categories, info.is_thing, info.label_divisor, shard=False)
+    iterator = pipeline.make_eval_iterator(self._dataset, self._pipeline_config)
+    pictures = 0
+    seen = 0
+    try:
+      for local in iterator:
+        batch = sharding.global_batch({"image": local["image"]}, self._mesh)
+        # Global arrays -> numpy on every process (predictions of all processes' images).
+        preds = multihost_utils.process_allgather(self._predict(state, batch["image"]), tiled=True)
+        meta = _gather({k: local[k] for k in ("valid", "index", "content_hw", "original_hw")})
+        for i in np.flatnonzero(meta["valid"]):
+          if self._max_images and seen >= self._max_images:
+            break
+          index = int(meta["index"][i])
+          (ch, cw), original_hw = meta["content_hw"][i], tuple(meta["original_hw"][i])
+          prediction = resize_nearest(preds["panoptic"][i, :ch, :cw], original_hw)
+          ground_truth = self._dataset.read_panoptic(index)
+          pred_i = {k: v[i] for k, v in preds.items()}
+          evaluator.add(ground_truth, prediction, scores=_segment_scores(pred_i, info.label_divisor),
+                        name=self._dataset.examples[index].name)
+          seen += 1
+          if pictures < self._num_pictures and jax.process_index() == 0:
+            self._save_picture(step, index, ground_truth, prediction)
+            pictures += 1
+    finally:
+      if hasattr(iterator, "close"):
+        iterator.close()
+    result = evaluator.result()
+    table = format_table(result)
+    if jax.process_index() == 0:
+      logging.info("Evaluation at step %d on %d images:\n%s", step, seen, table)
+      if pictures:
+        logging.info("Pictures (image | ground truth | prediction): %s", self._pictures_dir)
+    return {"scalars": _scalars(result), "table": table, "result": result}
+
+  def _save_picture(self, step: int, index: int, ground_truth: np.ndarray, prediction: np.ndarray) -> None:
+    self._pictures_dir.mkdir(parents=True, exist_ok=True)
+    image = self._dataset.read_image(index)
+    name = self._dataset.examples[index].name
+    png = visualize.comparison(image, ground_truth, prediction, self._info)
+    (self._pictures_dir / f"step{step:07d}_{name}.png").write_bytes(png)
+
+
+def _scalars(result: dict) -> dict[str, float]:
+  """The headline numbers (percent) for logs and TensorBoard; absent values are left out."""
+  out = {}
+  for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+    for metric in ("pq", "sq", "rq"):
+      value = result["panoptic"][group][metric]
+      if value is not None:
+        out[f"{metric.upper()}{suffix}"] = 100.0 * value
+  if result["semantic"]["mIoU"] is not None:
+    out["mIoU"] = 100.0 * result["semantic"]["mIoU"]
+  if result["instance"].get("computed"):
+    out.update({k: 100.0 * result["instance"][k] for k in ("AP", "AP50", "AP75") if result["instance"][k] >= 0})
+  return out

@@ -1,0 +1,270 @@
+"""The training loop: data -> jitted, sharded train step -> checkpoints, logs and periodic evaluation.
+
+State is a plain pytree `{"step", "params", "model_state", "opt_state"}`: `params` are the model's `nnx.Param`s,
+`model_state` everything else the model carries (batch statistics, drop-path RNG counters). The train step is one
+pure jitted function of (state, batch, rng) with no host callbacks; everything with side effects stays in `run`.
+"""
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from panoptic_jax.data import pipeline, synthetic
+from panoptic_jax.data.dataset import Dataset
+from panoptic_jax.model import kmax_deeplab, sharding_rules
+from panoptic_jax.training import checkpoint, losses, optim, sharding
+from panoptic_jax.training.metrics_writer import MetricsWriter, Progress
+
+State = dict[str, Any]
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss, out of memory); the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The static halves of the model: its graph in train and in eval mode, and its architecture config."""
+
+  train_graph: Any
+  eval_graph: Any
+  arch: kmax_deeplab.KMaXConfig
+  num_classes: int
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+def dataset_locations(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """(train, val) locations; the demo's synthetic dataset is generated on first use."""
+  if config.dataset.get("synthetic") is not None and not config.dataset.train:
+    spec = config.dataset.synthetic
+    root = synthetic.ensure_demo_dataset(spec.cache_dir, num_train=spec.num_train, num_val=spec.num_val,
+                                         seed=spec.seed, size=(spec.height, spec.width))
+    return str(pathlib.Path(root) / "train"), str(pathlib.Path(root) / "val")
+  return config.dataset.train, config.dataset.val
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model and state
+
+
+def _build(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
+  return kmax_deeplab.build_model(config.model.preset, num_classes, rngs=nnx.Rngs(config.seed),
+                                  dtype=config.model.dtype, remat=config.model.remat)
+
+
+def _shard_like_params(opt_state: Any, params: Any, param_shardings: Any, other: Any) -> Any:
+  """Shardings for an optax state: subtrees shaped like the parameters (Adam moments) shard like them."""
+  params_structure = jax.tree.structure(params)
+  is_params_like = lambda x: jax.tree.structure(x) == params_structure
+  return jax.tree.map(lambda x: param_shardings if is_params_like(x) else other, opt_state, is_leaf=is_params_like)
+
+
+def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh,
+                 tx: optax.GradientTransformation) -> tuple[ModelDef, State, Any]:
+  """Initialises parameters directly in their shardings (no host copy of the full model).
+
+  Returns:
+    (model definition, state, state shardings).
+  """
+  abstract = nnx.eval_shape(lambda: _build(config, num_classes))
+  abstract.eval()
+  eval_graph = nnx.split(abstract)[0]
+  abstract.train()
+  train_graph, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  param_shardings = sharding_rules.param_shardings(abstract_params, mesh)
+  rest_shardings = sharding_rules.param_shardings(abstract_rest, mesh)
+
+  def init() -> State:
+    model = _build(config, num_classes)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": rest, "opt_state": tx.init(params)}
+
+  abstract_state = jax.eval_shape(init)
+  replicated = sharding.replicated(mesh)
+  opt_shardings = _shard_like_params(abstract_state["opt_state"], abstract_params, param_shardings, replicated)
+  shardings = {"step": replicated, "params": param_shardings, "model_state": rest_shardings,
+               "opt_state": opt_shardings}
+  # Shardings come from `out_shardings` (which replicate axes the mesh cannot split), not from eager placement.
+  state = jax.jit(init, out_shardings=shardings)()
+  arch = kmax_deeplab.get_config(config.model.preset, dtype=config.model.dtype, remat=config.model.remat)
+  return ModelDef(train_graph, eval_graph, arch, num_classes), state, shardings
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The train step (pure, jitted)
+
+
+def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               loss_config: losses.LossConfig, state: State, batch: dict[str, jax.Array], rng: jax.Array
+               ) -> tuple[State, dict[str, jax.Array]]:
+  """One optimisation step on a global batch; returns the new state and scalar metrics."""
+
+  def loss_fn(params):
+    model = nnx.merge(model_def.train_graph, params, state["model_state"], copy=True)
+    outputs = model(batch["image"])
+    total, terms = losses.kmax_losses(outputs, batch, loss_config, rng)
+    return total, (terms, nnx.state(model, nnx.Not(nnx.Param)))
+
+  (loss, (terms, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+               "model_state": model_state, "opt_state": opt_state}
+  metrics = {**terms, "loss": loss, "grad_norm": optax.global_norm(grads),
+             "learning_rate": schedule(state["step"])}
+  return new_state, metrics
+
+
+def _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh):
+  step = functools.partial(train_step, model_def, tx, schedule, loss_config)
+  return jax.jit(step, in_shardings=(shardings, None, sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def _oom_hint(error: Exception) -> TrainingError | None:
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text:
+    return TrainingError(
+        f"Out of device memory ({text.splitlines()[0][:200]}). Try --config.model.remat=True (recompute "
+        "activations), --config.model.dtype=bfloat16, a smaller --config.input.crop_size, a smaller "
+        "--config.train.batch_size, or more devices / --config.mesh.fsdp to shard the parameters.")
+  return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop (side effects)
+
+
+def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig, mesh
+                     ) -> pipeline.PipelineConfig:
+  sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
+  sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+  return pipeline.PipelineConfig(
+      batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
+      crop_size=tuple(config.input.crop_size), min_scale=config.input.min_scale, max_scale=config.input.max_scale,
+      resize_to_crop=config.input.resize_to_crop, num_mask_slots=arch.num_slots, output_stride=arch.output_stride,
+      seed=config.seed, num_workers=config.input.num_workers)
+
+
+def _check_finite(history: list[tuple[int, dict]]) -> None:
+  for step, metrics in history:
+    if not np.isfinite(metrics["loss"]):
+      terms = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+      raise TrainingError(f"Non-finite loss at step {step} ({terms}). Training stopped; the last checkpoint "
+                          "(before this step) is intact. Lower --config.optim.base_lr or check the data.")
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, data: tuple[str, str]) -> None:
+  if jax.process_index() == 0:
+    resolved = {"config": config.to_dict(), "train_location": data[0], "val_location": data[1]}
+    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, Any]:
+  """Trains and / or evaluates as `mode` says; returns the last evaluation's metrics (empty if none)."""
+  from panoptic_jax.training import evaluate as evaluate_lib  # Evaluation pulls in the metric code.
+
+  workdir_path = pathlib.Path(workdir).expanduser()
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  train_location, val_location = dataset_locations(config)
+  _save_config(config, workdir_path, (train_location, val_location))
+  endpoint = config.dataset.endpoint_url or None
+  val_dataset = Dataset.open(val_location, endpoint) if mode != "train" else None
+  train_dataset = Dataset.open(train_location, endpoint) if mode != "eval" else None
+  info = (train_dataset or val_dataset).info
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  tx, schedule = optim.make_optimizer(
+      config.optim.base_lr, config.optim.warmup_steps, config.train.steps, config.optim.weight_decay,
+      config.optim.backbone_multiplier, config.optim.b1, config.optim.b2, config.optim.eps, config.optim.poly_power)
+  model_def, state, shardings = create_state(config, info.num_classes, mesh, tx)
+  logging.info("Model %s: %s parameters, mesh %s", config.model.preset,
+               f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}", dict(mesh.shape))
+
+  pipeline_config = _pipeline_config(config, model_def.arch, mesh)
+  train_iter = pipeline.make_train_iterator(train_dataset, pipeline_config) if train_dataset is not None else None
+  checkpointer = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.checkpoint_every,
+                                         config.train.keep_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = checkpointer.restore_latest(abstract, train_iter)
+  if restored is not None:
+    state, restored_step = restored
+    logging.info("Resumed from the checkpoint at step %d in %s", restored_step, workdir_path / "checkpoints")
+  writer = MetricsWriter(str(workdir_path))
+  evaluator = None
+  if val_dataset is not None:
+    evaluator = evaluate_lib.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_config, workdir_path)
+  results: dict[str, Any] = {}
+  try:
+    if mode == "eval":
+      results = evaluator.evaluate(state, int(state["step"]))
+      writer.write(int(state["step"]), results["scalars"], prefix="eval/")
+      return results
+    results = _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
+                          evaluator if mode == "train_and_eval" else None)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if train_iter is not None and hasattr(train_iter, "close"):
+      train_iter.close()
+  return results
+
+
+def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
+                evaluator) -> dict[str, Any]:
+  loss_config = losses.LossConfig.from_config(config.loss)
+  step_fn = _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
+  base_rng = jax.random.key(config.seed)
+  total = config.train.steps
+  step = int(state["step"])
+  progress = Progress(total, config.train.batch_size, step)
+  pending: list[tuple[int, dict]] = []  # Device metrics since the last host check (no per-step host sync).
+  guard = checkpoint.PreemptionGuard()
+  results: dict[str, Any] = {}
+  with guard.installed():
+    while step < total:
+      batch = sharding.global_batch(next(train_iter), mesh)
+      rng = jax.random.fold_in(base_rng, step)  # A function of the step: resumed runs draw the same samples.
+      try:
+        state, metrics = step_fn(state, batch, rng)
+      except Exception as e:  # XLA reports out-of-memory as a generic runtime error.
+        hint = _oom_hint(e)
+        if hint is None:
+          raise
+        raise hint from e
+      step += 1
+      pending.append((step, metrics))
+      stop = guard.requested()
+      save_due = checkpointer.every > 0 and step % checkpointer.every == 0
+      if step % config.train.log_every == 0 or save_due or stop or step == total:
+        history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
+        pending.clear()
+        _check_finite(history)
+        last_step, last = history[-1]
+        means = {k: float(np.mean([m[k] for _, m in history])) for k in last}
+        means["learning_rate"] = last["learning_rate"]
+        writer.write(last_step, means, prefix="train/")
+        progress.log(last_step, means)
+      if save_due or stop or step == total:
+        checkpointer.save(step, state, train_iter, force=True)
+      if stop:
+        logging.warning("Stopped at step %d after a stop signal; the checkpoint is saved. Rerun the same "
+                        "command to resume.", step)
+        checkpointer.wait()
+        return results
+      if evaluator is not None and (step % config.train.eval_every == 0 or step == total):
+        results = evaluator.evaluate(state, step)
+        writer.write(step, results["scalars"], prefix="eval/")
+  return results
