@@ -315,21 +315,25 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
   if downscale > 1:
     out_hw = (-(-panoptic.shape[0] // downscale), -(-panoptic.shape[1] // downscale))
     panoptic = resize_nearest(panoptic, out_hw)
-  void = panoptic == VOID
-  category = np.where(void, 0, panoptic // info.label_divisor)
-  instance = np.where(void, 0, panoptic % info.label_divisor).astype(np.int64) * id_step
-  if category.max(initial=0) >= info.num_classes or panoptic.min(initial=0) < VOID:
+  if panoptic.min(initial=0) < VOID or panoptic.max(initial=0) >= info.num_classes * info.label_divisor:
     raise ValueError(f"panoptic map holds values outside 0..{info.num_classes * info.label_divisor - 1} and VOID")
-  lut = np.array([c if c is not None else (0, 0, 0) for c in info.colors], np.uint8)
-  missing = [info.categories[c] for c in np.unique(category[~void]) if info.colors[c] is None]
-  if missing:
-    raise ValueError(f"categories {missing} have no colour in the metadata and cannot be written")
-  rgb = np.where(void[..., None], np.uint8(0), lut[category])
-  id_dtype = np.uint8 if instance.max(initial=0) < 2**8 else np.uint16 if instance.max() < 2**16 else np.uint32
+  category = panoptic // info.label_divisor  # VOID (-1) -> -1, which indexes the black row appended below.
+  if any(c is None for c in info.colors):
+    present = np.flatnonzero(np.bincount(category[category >= 0], minlength=info.num_classes))
+    missing = [info.categories[c] for c in present if info.colors[c] is None]
+    if missing:
+      raise ValueError(f"categories {missing} have no colour in the metadata and cannot be written")
+  palette = np.array([c if c is not None else (0, 0, 0) for c in info.colors] + [(0, 0, 0)], np.uint8)
+  rgb = palette.T[:, category]  # [3, H, W]: tifffile's planar RGB layout, built without a transpose copy.
+  instance = np.where(category >= 0, panoptic - category * info.label_divisor, 0).astype(np.int64) * id_step
+  top = instance.max(initial=0)
+  id_dtype = np.uint8 if top < 2**8 else np.uint16 if top < 2**16 else np.uint32
   buffer = io.BytesIO()
+  # zlib level 1: 3x faster to write and to read than the default level, for files ~1.5x larger.
+  options = {"compression": "zlib", "compressionargs": {"level": 1}}
   with tifffile.TiffWriter(buffer) as tiff:
-    tiff.write(np.ascontiguousarray(np.moveaxis(rgb, -1, 0)), photometric="rgb", compression="zlib")
-    tiff.write(instance.astype(id_dtype), photometric="minisblack", compression="zlib")
+    tiff.write(rgb, photometric="rgb", **options)
+    tiff.write(instance.astype(id_dtype), photometric="minisblack", **options)
   return buffer.getvalue()
 
 
