@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ANNOTATION_EXTENSIONS = (".tif", ".tiff")
 
 Color = tuple[int, int, int]
-_UNKNOWN_COLOR = -2
+_UNKNOWN_COLOR = -1
 _MAX_SEGMENT_KEYS = 1 << 22
 
 
@@ -175,18 +175,17 @@ def _yaml_list(values: Sequence[str]) -> str:
 # Annotations
 
 
-def _pack_rgb(rgb: np.ndarray) -> np.ndarray:
-  """[..., 3] uint8 -> [...] int32 0xRRGGBB."""
-  rgb = rgb.astype(np.int32)
-  return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+def _pack_rgb(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Colour planes (uint8, same shape) -> int32 codes 0xRRGGBB."""
+  return (r.astype(np.int32) << 16) | (g.astype(np.int32) << 8) | b.astype(np.int32)
 
 
-def _category_page_to_hwc(page: np.ndarray, where: str) -> np.ndarray:
-  """Accepts the RGB page channels-first [3, H, W] (tifffile's planar layout) or channels-last [H, W, 3]."""
+def _rgb_planes(page: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The R, G, B planes of page 1, channels-first [3, H, W] (tifffile's planar layout) or channels-last [H, W, 3]."""
   if page.ndim == 3 and page.shape[-1] in (3, 4) and page.shape[0] not in (3, 4):
-    return page[..., :3]
+    return page[..., 0], page[..., 1], page[..., 2]
   if page.ndim == 3 and page.shape[0] in (3, 4):
-    return np.moveaxis(page[:3], 0, -1)
+    return page[0], page[1], page[2]
   raise FormatError(f"{where}: page 1 must be an RGB image [3, H, W] or [H, W, 3]; found shape {page.shape}")
 
 
@@ -235,14 +234,14 @@ def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] 
     raise FormatError(f"{where}: cannot decode as TIFF: {type(e).__name__}: {e}") from None
   if len(pages) != 2:
     raise FormatError(f"{where}: expected 2 pages (RGB category map, instance-id map), found {len(pages)}")
-  rgb = _category_page_to_hwc(pages[0], where)
+  planes = _rgb_planes(pages[0], where)
   ids = pages[1]
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
     raise FormatError(f"{where}: page 2 must be a 2-D integer instance-id map; found shape {ids.shape} {ids.dtype}")
-  if rgb.shape[:2] != ids.shape:
-    raise FormatError(f"{where}: page shapes differ: category map {rgb.shape[:2]}, instance map {ids.shape}")
+  if planes[0].shape != ids.shape:
+    raise FormatError(f"{where}: page shapes differ: category map {planes[0].shape}, instance map {ids.shape}")
 
-  panoptic = _panoptic_from_pages(_pack_rgb(rgb), ids, info, where)
+  panoptic = _panoptic_from_pages(_pack_rgb(*planes), ids, info, where)
   if image_hw is not None and tuple(image_hw) != panoptic.shape:
     _check_scale(panoptic.shape, tuple(image_hw), where)
     panoptic = resize_nearest(panoptic, tuple(image_hw))
@@ -250,21 +249,22 @@ def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] 
 
 
 @functools.lru_cache(maxsize=8)
-def _palette_lookup(colors: tuple[Color | None, ...]) -> np.ndarray:
-  """int16 [2**24]: packed colour -> category index, VOID for black, _UNKNOWN_COLOR for colours not in the palette.
+def _palette_lookup(colors: tuple[Color | None, ...], is_thing: tuple[bool, ...]) -> np.ndarray:
+  """int16 [2**24]: packed colour -> 2 * (category + 1) + is_thing; 0 for black (void); -1 for unknown colours.
 
-  A direct table turns colour decoding into one gather per pixel; 32 MB, built once per palette and process.
+  A direct table turns colour decoding into one gather per pixel that yields both the category and whether it is a
+  thing; 32 MB, built once per palette and process.
   """
   table = np.full(1 << 24, _UNKNOWN_COLOR, np.int16)
-  table[0] = VOID
-  for category, color in enumerate(colors):
+  table[0] = 0
+  for category, (color, thing) in enumerate(zip(colors, is_thing)):
     if color is not None:
-      table[_pack_rgb(np.array(color, np.uint8))] = category
+      table[_pack_rgb(*np.array(color, np.uint8))] = 2 * (category + 1) + thing
   return table
 
 
-def _unknown_color_error(codes: np.ndarray, category: np.ndarray, where: str) -> FormatError:
-  bad_codes, counts = np.unique(codes[category == _UNKNOWN_COLOR], return_counts=True)
+def _unknown_color_error(codes: np.ndarray, entries: np.ndarray, where: str) -> FormatError:
+  bad_codes, counts = np.unique(codes[entries == _UNKNOWN_COLOR], return_counts=True)
   listed = ", ".join(f"[{c >> 16}, {(c >> 8) & 255}, {c & 255}] ({n} px)" for c, n in zip(bad_codes[:10], counts[:10]))
   more = f" and {len(bad_codes) - 10} more" if len(bad_codes) > 10 else ""
   return FormatError(f"{where}: {len(bad_codes)} colours are not in the metadata palette: {listed}{more}")
@@ -272,22 +272,21 @@ def _unknown_color_error(codes: np.ndarray, category: np.ndarray, where: str) ->
 
 def _panoptic_from_pages(codes: np.ndarray, ids: np.ndarray, info: DatasetInfo, where: str) -> np.ndarray:
   """[H, W] packed colours and instance ids -> [H, W] int32 canonical map."""
-  category = _palette_lookup(info.colors)[codes]
-  if (category == _UNKNOWN_COLOR).any():
-    raise _unknown_color_error(codes, category, where)
-  ids = ids.astype(np.int64)
+  entries = _palette_lookup(info.colors, info.is_thing)[codes]
+  if (entries == _UNKNOWN_COLOR).any():
+    raise _unknown_color_error(codes, entries, where)
   num_ids = int(ids.max(initial=0)) + 1
   if num_ids * (info.num_classes + 1) > _MAX_SEGMENT_KEYS:  # Sparse ids such as 0, 70000, 2**31: compress first.
     _, ids = np.unique(ids, return_inverse=True)
     num_ids = int(ids.max(initial=0)) + 1
-  is_thing = np.asarray(info.is_thing + (False,), bool)  # Index -1 (VOID) reads the appended False.
+  entries = entries.astype(np.int32)
   # Segment key = (category + 1, id); stuff ignores the id so that all its segments merge into one.
-  keys = (category.astype(np.int64) + 1) * num_ids + np.where(is_thing[category], ids, 0)
+  keys = (entries >> 1) * num_ids + (entries & 1) * ids.astype(np.int32)
   present = np.flatnonzero(np.bincount(keys.ravel(), minlength=(info.num_classes + 1) * num_ids))
   seg_category = present // num_ids - 1
   # Keys are sorted by (category, id): a thing's instance number is its rank within its category, from 1.
   rank = np.arange(len(present)) - np.searchsorted(seg_category, seg_category, side="left") + 1
-  seg_is_thing = is_thing[seg_category]
+  seg_is_thing = np.asarray(info.is_thing + (False,), bool)[seg_category]  # Index -1 (void) reads the False.
   if seg_is_thing.any() and rank[seg_is_thing].max() >= info.label_divisor:
     worst = seg_category[seg_is_thing][np.argmax(rank[seg_is_thing])]
     raise FormatError(f"{where}: {rank[seg_is_thing].max()} instances of {info.categories[worst]!r}; at most "
