@@ -1,9 +1,10 @@
 """Benchmark: panoptic-quality throughput (images/s) of this project vs hotcoco vs a plain-numpy panopticapi.
 
-    python bench/metrics.py [--coco_images 32] [--cityscapes_images 8] [--batch_size 8]
+    python bench/metrics.py [--coco_images 32] [--cityscapes_images 8] [--dense_images 8] [--batch_size 8]
 
 Data: synthetic GT / prediction pairs (rectangles of random categories, crowd and VOID; predictions perturb the GT),
-COCO-like (640x480, ~20 segments) and Cityscapes-like (1024x2048, ~60 segments), identical for all three:
+COCO-like (640x480, ~18 listed GT segments), Cityscapes-like (1024x2048, ~42) and a denser Cityscapes-like set (~60),
+identical for all three:
   * this project: `panoptic_stats` jitted on batches of canonical maps already in memory, the batch sharded over
     one CPU device per core, plus the host float64 reduction; compile time excluded (one warm-up batch);
   * hotcoco (PyPI, Rust, multi-threaded): `pq_compute` on COCO panoptic JSON + PNG files (its only input; this
@@ -238,22 +239,26 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--coco_images", type=int, default=64)
   parser.add_argument("--cityscapes_images", type=int, default=16)
+  parser.add_argument("--dense_images", type=int, default=8)
   parser.add_argument("--batch_size", type=int, default=8)
   args = parser.parse_args()
   rng = np.random.default_rng(0)
+  load = os.getloadavg()
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     rows.append(bench("COCO-like", 480, 640, 20, args.coco_images, args.batch_size, 64, rng, tmp))
     rows.append(bench("Cityscapes-like", 1024, 2048, 60, args.cityscapes_images, args.batch_size, 128, rng, tmp))
+    if args.dense_images:
+      rows.append(bench("Cityscapes-like, dense", 1024, 2048, 100, args.dense_images, args.batch_size, 128, rng, tmp))
   cpu = platform.processor() or platform.machine()
   try:
     cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
   except (OSError, StopIteration):
     pass
   print(f"Machine: {cpu}, {os.cpu_count()} cores, {len(jax.local_devices())} JAX CPU devices; jax {jax.__version__}; "
-        f"date {datetime.date.today()}")
+        f"date {datetime.date.today()}; load average before / after: {load[0]:.1f} / {os.getloadavg()[0]:.1f}")
   print(f"Command: python bench/metrics.py --coco_images {args.coco_images} --cityscapes_images "
-        f"{args.cityscapes_images} --batch_size {args.batch_size}\n")
+        f"{args.cityscapes_images} --dense_images {args.dense_images} --batch_size {args.batch_size}\n")
   print("| data | maps | segments/img | images | this project (img/s) | hotcoco (img/s) | numpy panopticapi (img/s) "
         "| vs hotcoco | vs numpy |")
   print("|---|---|---|---|---|---|---|---|---|")

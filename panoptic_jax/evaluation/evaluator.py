@@ -45,17 +45,19 @@ class Evaluator:
     label_divisor: of the canonical maps given to `add`.
     batch_size: images per jitted call (the batch is padded with all-VOID images).
     max_segments: initial static slots per image; doubled automatically when an image has more.
+    mixed_fraction: initial `panoptic_stats` mixed_fraction; doubled automatically (up to 1) when an image needs more.
     pad_multiple: images are padded to multiples of this (fewer distinct jit shapes).
     shard: split each batch over the local devices (when batch_size divides evenly).
   """
 
   def __init__(self, names: Sequence[str], is_thing: Sequence[bool], label_divisor: int, batch_size: int = 8,
-               max_segments: int = 128, pad_multiple: int = 64, shard: bool = True):
+               max_segments: int = 128, pad_multiple: int = 64, shard: bool = True, mixed_fraction: float = 0.25):
     self.names = list(names)
     self.is_thing = np.asarray(is_thing, bool)
     self.label_divisor = int(label_divisor)
     self.batch_size = batch_size
     self.max_segments = max_segments
+    self.mixed_fraction = mixed_fraction
     self.pad_multiple = pad_multiple
     self.pq = PanopticQualityAccumulator(self.names, list(self.is_thing))
     self.confusion = np.zeros((len(self.names), len(self.names) + 1), np.int64)
@@ -124,8 +126,14 @@ class Evaluator:
       gt, pred, crowd = (jax.device_put(x, self._sharding) for x in (gt, pred, crowd))
     while True:
       stats = panoptic_stats(gt, pred, crowd, num_categories=len(self.names), label_divisor=self.label_divisor,
-                             max_segments=self.max_segments, with_confusion=True)
+                             max_segments=self.max_segments, with_confusion=True,
+                             mixed_fraction=self.mixed_fraction)
       stats = jax.device_get(stats)
+      if np.any(stats["num_mixed_blocks"] > stats["max_mixed_blocks"]):
+        self.mixed_fraction = min(1.0, 2 * self.mixed_fraction)
+        logging.info("PQ: an image has %d mixed pixel blocks; recompiling with mixed_fraction=%g",
+                     int(stats["num_mixed_blocks"].max()), self.mixed_fraction)
+        continue
       needed = int(max(stats["num_gt_slots"].max(), stats["num_pred_slots"].max()))
       if needed <= self.max_segments:
         break

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from panoptic_jax.evaluation import evaluator as evaluator_lib
-from panoptic_jax.evaluation.panoptic_quality import (PanopticQualityAccumulator, SegmentOverflowError,
+from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, UNLISTED, MixedBlockOverflowError,
+                                                      PanopticQualityAccumulator, SegmentOverflowError,
                                                       panoptic_stats)
 
 from . import coco_cases
@@ -144,9 +145,56 @@ def test_random_pairs_match_hotcoco(tmp_path):
 
 
 def _stats(gt, pred, crowd=None, c=3, div=100, s=16):
-  return panoptic_stats(np.asarray(gt, np.int32)[None], np.asarray(pred, np.int32)[None],
-                        None if crowd is None else np.asarray(crowd, np.int32)[None], num_categories=c,
-                        label_divisor=div, max_segments=s)
+  """Pixel-by-pixel stats, checked equal to the block path with room for every block."""
+  args = (np.asarray(gt, np.int32)[None], np.asarray(pred, np.int32)[None],
+          None if crowd is None else np.asarray(crowd, np.int32)[None])
+  by_pixel, by_block = (jax.device_get(panoptic_stats(*args, num_categories=c, label_divisor=div, max_segments=s,
+                                                      mixed_fraction=f, with_confusion=True)) for f in (1.0, 0.99))
+  for key in by_pixel:
+    if key != "max_mixed_blocks":
+      np.testing.assert_array_equal(by_pixel[key], by_block[key], err_msg=key)
+  return by_pixel
+
+
+def _region_maps(rng, b, h, w, c, div):
+  """Random canonical GT / prediction / crowd maps made of rectangles (VOID, crowd and UNLISTED included)."""
+  gt = np.full((b, h, w), -1, np.int32)
+  crowd = np.full((b, h, w), NO_CROWD, np.int32)
+  for k in range(b):
+    for _ in range(int(rng.integers(5, 25))):
+      y, x = rng.integers(0, h), rng.integers(0, w)
+      sh, sw = rng.integers(1, h // 2), rng.integers(1, w // 2)
+      gt[k, y:y + sh, x:x + sw] = rng.integers(0, c) * div + rng.integers(0, 5)
+    for value in (int(rng.integers(0, c)), UNLISTED):
+      y, x = rng.integers(0, h), rng.integers(0, w)
+      crowd[k, y:y + h // 6, x:x + w // 6] = value
+  pred = np.roll(gt, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), axis=(1, 2))
+  pred[:, : h // 8] = np.where(rng.random((b, h // 8, w)) < 0.02, 1, pred[:, : h // 8])
+  return gt, pred, crowd
+
+
+@pytest.mark.parametrize("h,w", [(37, 53), (48, 64)])
+def test_block_counting_equals_pixel_counting(h, w):
+  rng = np.random.default_rng(h)
+  gt, pred, crowd = _region_maps(rng, 4, h, w, c=5, div=10)
+  outs = {f: jax.device_get(panoptic_stats(gt, pred, crowd, num_categories=5, label_divisor=10, max_segments=64,
+                                           with_confusion=True, mixed_fraction=f)) for f in (1.0, 0.9)}
+  assert np.all(outs[0.9]["num_mixed_blocks"] <= outs[0.9]["max_mixed_blocks"])
+  assert np.all(outs[0.9]["num_mixed_blocks"] > 0) and outs[1.0]["tp"].sum() > 0
+  for key in outs[1.0]:
+    if key != "max_mixed_blocks":
+      np.testing.assert_array_equal(outs[1.0][key], outs[0.9][key], err_msg=key)
+  # Too little room for mixed blocks: the accumulator refuses the batch, the Evaluator grows mixed_fraction.
+  few = panoptic_stats(gt, pred, crowd, num_categories=5, label_divisor=10, max_segments=64, mixed_fraction=0.2)
+  with pytest.raises(MixedBlockOverflowError, match="raise mixed_fraction"):
+    PanopticQualityAccumulator([f"c{k}" for k in range(5)], [True] * 5).update(few)
+  ev = evaluator_lib.Evaluator([f"c{k}" for k in range(5)], [True] * 5, 10, batch_size=4, max_segments=64,
+                               mixed_fraction=0.2)
+  for k in range(4):
+    ev.add(gt[k], pred[k], gt_crowd=crowd[k])
+  result = ev.result()
+  assert ev.mixed_fraction > 0.2
+  assert [result["panoptic"]["per_category"][f"c{k}"]["tp"] for k in range(5)] == outs[1.0]["tp"].tolist()
 
 
 def _result(stats, c=3):
