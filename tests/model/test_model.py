@@ -1,0 +1,179 @@
+"""kMaX-DeepLab model: parameter counts, shapes, modes, k-means assignment, sharding, bf16."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from panoptic_jax.model import layers as L
+from panoptic_jax.model.kmax_decoder import KMaXBlock, kmeans_assignment
+from panoptic_jax.model.kmax_deeplab import abstract_model, build_model, get_config, param_breakdown
+from panoptic_jax.model.pixel_decoder import MAX_SPAN, relative_embeddings
+from panoptic_jax.model.sharding_rules import DEFAULT_AXIS_RULES, param_shardings
+
+NUM_CLASSES = 7
+SIZE = 65  # 32 * 2 + 1
+
+
+def _images(batch, size=SIZE, seed=0):
+  return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, size, size, 3)).astype(np.uint8))
+
+
+def test_param_counts_r50_coco_exact():
+  parts = param_breakdown(abstract_model("kmax_r50_coco", 133))
+  assert parts["backbone"] == 23_508_032
+  assert parts["pixel_decoder"] == 21_151_040
+  assert parts["transformer_decoder_and_heads"] == 11_921_048
+  assert parts["total_without_aux"] == 56_580_120
+  assert parts["aux_semantic_head"] == 15_856_742
+  assert parts["total_with_aux"] == 72_436_862
+
+
+@pytest.mark.parametrize("preset,classes,backbone,pixel,decoder", [
+    ("kmax_r50_cityscapes", 19, 23.51e6, 21.18e6, 11.71e6),
+    ("kmax_convnext_t_coco", 133, 27.82e6, 21.20e6, 11.92e6),
+])
+def test_param_counts_other_presets(preset, classes, backbone, pixel, decoder):
+  parts = param_breakdown(abstract_model(preset, classes))
+  for key, want in (("backbone", backbone), ("pixel_decoder", pixel), ("transformer_decoder_and_heads", decoder)):
+    assert abs(parts[key] - want) / want < 0.005, (key, parts[key], want)
+
+
+def test_every_param_has_logical_names():
+  state = nnx.state(abstract_model("kmax_tiny", NUM_CLASSES), nnx.Param)
+  for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == len(var.get_value().shape), path
+
+
+@pytest.mark.parametrize("length", [1, 2, 5, 17, 41])
+def test_relative_embeddings_equal_gather(length):
+  table = jax.random.normal(jax.random.key(0), (2 * MAX_SPAN - 1, 3))
+  idx = np.arange(length)[None, :] - np.arange(length)[:, None] + MAX_SPAN - 1
+  np.testing.assert_array_equal(np.asarray(relative_embeddings(table, length)), np.asarray(table)[idx])
+
+
+def test_resize_align_corners_and_half_pixel():
+  x = jnp.arange(3.0).reshape(1, 3, 1, 1)
+  y = L.resize_bilinear(x, (5, 1), align_corners=True)
+  np.testing.assert_allclose(np.asarray(y).ravel(), [0, 0.5, 1, 1.5, 2])
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8, 3))
+  y = L.resize_bilinear(x, (12, 16), align_corners=False)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(jax.image.resize(x, (2, 12, 16, 3), "bilinear")), atol=1e-5)
+
+
+def test_kmeans_assignment_is_hard_and_stops_gradient():
+  logits = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
+  a = kmeans_assignment(logits)
+  np.testing.assert_array_equal(np.asarray(a.sum(-1)), 1.0)
+  np.testing.assert_array_equal(np.asarray(a.argmax(-1)), np.asarray(logits.argmax(-1)))
+  g = jax.grad(lambda l: jnp.sum(kmeans_assignment(l) * jnp.arange(4.0)))(logits)
+  np.testing.assert_array_equal(np.asarray(g), 0.0)
+
+
+def test_kmax_block_predictor_gets_no_gradient_through_assignment():
+  """The block's output centres depend on its auxiliary predictor only through the (stopped) assignment."""
+  with nnx.use_eager_sharding(False):   # no mesh here: keep the logical names as metadata only
+    block = KMaXBlock(8, 5, query_ch=16, bottleneck=16, key_depth=8, value_depth=16, num_heads=2, ffn=32,
+                      embed=8, hidden=16, rngs=nnx.Rngs(0))
+  pixel = jax.random.normal(jax.random.key(1), (2, 5, 5, 8))
+  centres = jax.random.normal(jax.random.key(2), (2, 6, 16))
+
+  def loss(block):
+    new, _ = block(pixel, centres)
+    return jnp.sum(new ** 2)
+
+  grads = nnx.jit(nnx.grad(loss))(block)
+  pred_grads = jax.tree.leaves(grads["predictor"])
+  assert pred_grads and all(float(jnp.abs(g).max()) == 0.0 for g in pred_grads)
+  # The k-means update itself is trained (its last BN gamma is zero at init, so only that gets a gradient now).
+  assert float(jnp.abs(grads["kmeans_conv3"]["norm"]["scale"][...]).max()) > 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return build_model("kmax_tiny", NUM_CLASSES, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _forward(model, images):
+  return model(images)
+
+
+def test_tiny_train_then_eval(tiny):
+  """COCO-like (stride 4) shapes; train mode updates BN statistics and adds the semantic head, eval does neither."""
+  cfg = get_config("kmax_tiny")
+  n, h = cfg.num_slots, (SIZE - 1) // 4 + 1
+  images = _images(2)
+  stats0 = jax.tree.map(np.asarray, nnx.state(tiny, nnx.BatchStat))
+  tiny.train()
+  out = _forward(tiny, images)
+  assert out["class_logits"].shape == (2, n, NUM_CLASSES + 1)
+  assert out["mask_logits"].shape == (2, h, h, n)
+  assert out["pixel_feature"].shape == (2, h, h, cfg.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(out["pixel_feature"]), axis=-1), 1.0, rtol=1e-4)
+  assert len(out["aux_outputs"]) == sum(cfg.decoder_blocks)
+  for aux in out["aux_outputs"]:
+    assert aux["mask_logits"].shape == (2, h, h, n) and aux["class_logits"].shape == (2, n, NUM_CLASSES + 1)
+  assert out["semantic_logits"].shape == (2, h, h, NUM_CLASSES + 1)
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(out))
+  stats1 = jax.tree.map(np.asarray, nnx.state(tiny, nnx.BatchStat))
+  changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(stats0), jax.tree.leaves(stats1))]
+  assert all(changed)
+
+  tiny.eval()
+  out_a = _forward(tiny, images)
+  out_b = _forward(tiny, images)
+  assert "semantic_logits" not in out_a
+  stats2 = jax.tree.map(np.asarray, nnx.state(tiny, nnx.BatchStat))
+  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats2)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(np.asarray(out_a["mask_logits"]), np.asarray(out_b["mask_logits"]))
+  # Class logits start biased towards void.
+  assert bool(jnp.all(jnp.argmax(out_a["class_logits"], -1) == NUM_CLASSES))
+
+
+def test_tiny_cityscapes_stride2_shapes():
+  model = build_model("kmax_tiny_cityscapes", NUM_CLASSES, rngs=nnx.Rngs(0))
+  model.eval()
+  out = nnx.jit(lambda m, x: m(x, with_semantic=True))(model, _images(1))
+  n, h = get_config("kmax_tiny_cityscapes").num_slots, (SIZE - 1) // 2 + 1
+  assert out["mask_logits"].shape == (1, h, h, n)
+  assert out["pixel_feature"].shape[:3] == (1, h, h)
+  assert out["semantic_logits"].shape == (1, 3, 3, NUM_CLASSES + 1)   # head-only semantic predictor at stride 32
+
+
+def test_sharded_8_devices_matches_single_device(tiny):
+  assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
+  model = tiny
+  model.eval()
+  images = _images(8, seed=3)
+  graphdef, state = nnx.split(model)
+
+  def fwd(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  single = jax.jit(fwd)(state, images)
+  mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  shardings = param_shardings(state, mesh, DEFAULT_AXIS_RULES)
+  assert any(s.spec != P() for s in jax.tree.leaves(shardings))           # FSDP actually shards something
+  sharded_state = jax.device_put(state, shardings)
+  x = jax.device_put(images, NamedSharding(mesh, P(("data", "fsdp"))))
+  with jax.set_mesh(mesh):
+    multi = jax.jit(fwd)(sharded_state, x)
+  for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(multi)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_compute_with_f32_params_and_remat():
+  """bf16 compute, f32 parameters, rematerialised stages."""
+  # Same parameters as the f32 model (the structure does not depend on the dtype): no second initialisation.
+  model = nnx.merge(nnx.graphdef(abstract_model("kmax_tiny", NUM_CLASSES, dtype="bfloat16", remat=True)),
+                    nnx.state(build_model("kmax_tiny", NUM_CLASSES, rngs=nnx.Rngs(0))))
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  model.eval()
+  out = _forward(model, _images(1))
+  assert out["mask_logits"].dtype == jnp.float32
+  assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(out))
