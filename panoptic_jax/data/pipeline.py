@@ -21,11 +21,12 @@ Batches (leading dimension b = batch_size // process_count, the per-process batc
 Targets and augmentation are documented in transforms.py.
 
 Order and sharding. Train: the dataset is shuffled per epoch from `seed` (EpochShuffle: endless epochs),
-augmented with a generator seeded by (seed, position in that global stream), and process p of P takes positions
-p, p + P, p + 2P, ... Hence global batch k holds the same images with the same augmentation for any number of
-processes, and for any number of workers (workers split whole batches). Eval: no shuffle, no augmentation; the
-examples are padded with blanks (valid False) to a multiple of P * b, process p takes p, p + P, ...; every image is
-evaluated exactly once across processes and every process yields the same number of batches.
+augmented with a generator seeded by (seed, position in that global stream), and process p of P takes rows
+p * b .. (p + 1) * b - 1 of every global batch of P * b (`ProcessRows`). Hence global batch k holds the same images,
+in the same order, with the same augmentation for any number of processes, and for any number of workers (workers
+split whole batches). Eval: no shuffle, no augmentation; the examples are padded with blanks (valid False) to a
+multiple of P * b and split the same way; every image is evaluated exactly once across processes and every process
+yields the same number of batches.
 
 Workers: `num_workers > 0` runs the pipeline in that many spawned processes (`mp_prefetch`); each builds its own
 storage client. Grain 0.2.18's mp_prefetch needs absl flags to count as parsed; this module marks them parsed when
@@ -222,6 +223,30 @@ class EpochShuffle(grain.MapDataset):
     return self._parent[int(self.permutation(epoch)[position])]
 
 
+class ProcessRows(grain.MapDataset):
+  """Process p's rows of every global batch of size B = P * b: stream positions k * B + p * b + j for j < b.
+
+  Concatenating the processes' batches in process order (as `jax.make_array_from_process_local_data` does over a
+  mesh whose devices are ordered by process) therefore gives exactly the batch a single process would read.
+  """
+
+  def __init__(self, parent: grain.MapDataset, per_process: int, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._per_process, self._index, self._count = per_process, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._per_process * self._count) * self._per_process
+
+  def __str__(self) -> str:
+    return f"ProcessRows(process {self._index} of {self._count}, {self._per_process} rows)"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._per_process)
+    return self._parent[(batch * self._count + self._index) * self._per_process + row]
+
+
 def _seeds(seed: int) -> tuple[int, int]:
   shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
   return int(shuffle_seed), int(augment_seed)
@@ -237,7 +262,7 @@ def train_dataset(data, config: PipelineConfig, process_index: int | None = None
   transform = transforms.TrainTransform(config.augment(), config.targets(info), photometric=config.photometric)
   ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed)
   ds = ds.random_map(transform, seed=augment_seed)  # Before sharding: seeded by the position in the global stream.
-  ds = ds[process_index::process_count]
+  ds = ProcessRows(ds, per_process, process_index, process_count)
   return ds.batch(per_process, drop_remainder=True)
 
 
@@ -287,7 +312,7 @@ def eval_dataset(data, config: PipelineConfig, process_index: int | None = None,
   total = math.ceil(len(source) / step) * step
   transform = transforms.EvalTransform(config.eval_crop_size or config.crop_size, config.targets(info),
                                        resize=config.eval_resize, backend=config.resize_backend)
-  ds = grain.MapDataset.source(_PaddedSource(source, total))[process_index::process_count]
+  ds = ProcessRows(grain.MapDataset.source(_PaddedSource(source, total)), per_process, process_index, process_count)
   return ds.map(transform).batch(per_process, drop_remainder=True)
 
 

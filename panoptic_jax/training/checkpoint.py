@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import grain
@@ -17,6 +18,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+
+# Orbax splits each replicated array into one slice per replica so that hosts write in parallel; every slice is an
+# eager XLA op compiled per shape (tens of seconds for a model's thousand small arrays on the first save). Slices
+# smaller than this are not worth it: such arrays are written whole by one replica.
+_MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's standard pytree handler with the replica-slice threshold above (a private registry, not the global one)."""
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class Checkpointer:
@@ -28,7 +46,7 @@ class Checkpointer:
         epath.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True, create=True),
-        item_names=("state", "data"))
+        item_handlers={"state": _state_handler(), "data": grain.checkpoint.CheckpointHandler()})
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether a save started."""
@@ -36,7 +54,7 @@ class Checkpointer:
       return False
     if step in self._manager.all_steps():
       return False
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -53,7 +71,8 @@ class Checkpointer:
       (state, step), or None when the directory holds no readable checkpoint.
     """
     for step in sorted(self._manager.all_steps(), reverse=True):
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      items = {"state": ocp.args.PyTreeRestore(
+          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
@@ -61,9 +80,22 @@ class Checkpointer:
       except Exception as e:  # Orbax raises many types for a truncated or corrupted step; all mean "skip it".
         logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.",
                         step, self._manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
+        self._set_aside(step)
         continue
       return restored["state"], step
     return None
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unreadable step to `<step>.unreadable-<time>` (kept for inspection), so that the run can save it
+    again when it gets there (`save` skips existing steps, so every later restart would fall back further)."""
+    path = epath.Path(self._manager.directory) / str(step)
+    if jax.process_index() == 0 and path.exists():
+      target = path.parent / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      path.rename(target)
+      logging.warning("Moved the unreadable checkpoint to %s.", target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
+    self._manager.reload()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -66,6 +66,7 @@ class ModelEvaluator:
     is_thing = jnp.asarray(self._info.is_thing, bool)
     predict = lambda state, images: _predict(model_def, pp_config, is_thing, self._info.label_divisor, state, images)
     self._predict = jax.jit(predict)
+    self._compiled = None  # Compiled on the first batch (shapes are fixed by the eval crop and batch size).
 
   def evaluate(self, state: dict, step: int) -> dict[str, Any]:
     """Returns {"scalars": {...}, "table": str, "result": the full nested result}."""
@@ -77,8 +78,10 @@ class ModelEvaluator:
     try:
       for local in iterator:
         batch = sharding.global_batch({"image": local["image"]}, self._mesh)
+        if self._compiled is None:
+          self._compiled = sharding.compile_together(self._predict, state, batch["image"], name=f"predict_{step}")
         # Global arrays -> numpy on every process (predictions of all processes' images).
-        preds = multihost_utils.process_allgather(self._predict(state, batch["image"]), tiled=True)
+        preds = multihost_utils.process_allgather(self._compiled(state, batch["image"]), tiled=True)
         meta = _gather({k: local[k] for k in ("valid", "index", "content_hw", "original_hw")})
         for i in np.flatnonzero(meta["valid"]):
           if self._max_images and seen >= self._max_images:

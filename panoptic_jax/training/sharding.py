@@ -69,3 +69,18 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
   """Assembles each process's numpy batch into global arrays sharded over the batch axes (host-only keys dropped)."""
   return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
           for k, v in local_batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
+
+
+def compile_together(jitted, *args, name: str):
+  """Compiles `jitted` for `args` ahead of time, then waits until every process has compiled it.
+
+  Processes compile at different speeds; the first collective of a step would otherwise wait for the slowest
+  compile inside its transport (gloo on CPU gives up after a fixed 30 s). The barrier is on the coordination
+  service instead, with a generous timeout.
+  """
+  compiled = jitted.lower(*args).compile()
+  if jax.process_count() > 1:
+    from jax._src import distributed  # The coordination-service client; public JAX has no barrier API for it.
+
+    distributed.global_state.client.wait_at_barrier(f"panoptic_jax_compiled_{name}", 3600 * 1000)
+  return compiled

@@ -147,10 +147,8 @@ def _oom_hint(error: Exception) -> TrainingError | None:
 # The loop (side effects)
 
 
-def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig, mesh
+def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig
                      ) -> pipeline.PipelineConfig:
-  sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")
-  sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
   return pipeline.PipelineConfig(
       batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
       crop_size=tuple(config.input.crop_size), min_scale=config.input.min_scale, max_scale=config.input.max_scale,
@@ -186,6 +184,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
   info = (train_dataset or val_dataset).info
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")  # Before anything compiles.
+  sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
   tx, schedule = optim.make_optimizer(
       config.optim.base_lr, config.optim.warmup_steps, config.train.steps, config.optim.weight_decay,
       config.optim.backbone_multiplier, config.optim.b1, config.optim.b2, config.optim.eps, config.optim.poly_power)
@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
   logging.info("Model %s: %s parameters, mesh %s", config.model.preset,
                f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}", dict(mesh.shape))
 
-  pipeline_config = _pipeline_config(config, model_def.arch, mesh)
+  pipeline_config = _pipeline_config(config, model_def.arch)
   train_iter = pipeline.make_train_iterator(train_dataset, pipeline_config) if train_dataset is not None else None
   checkpointer = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.checkpoint_every,
                                          config.train.keep_checkpoints)
@@ -233,12 +233,15 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
   pending: list[tuple[int, dict]] = []  # Device metrics since the last host check (no per-step host sync).
   guard = checkpoint.PreemptionGuard()
   results: dict[str, Any] = {}
+  compiled = None
   with guard.installed():
     while step < total:
       batch = sharding.global_batch(next(train_iter), mesh)
       rng = jax.random.fold_in(base_rng, step)  # A function of the step: resumed runs draw the same samples.
       try:
-        state, metrics = step_fn(state, batch, rng)
+        if compiled is None:
+          compiled = sharding.compile_together(step_fn, state, batch, rng, name=f"train_step_{step}")
+        state, metrics = compiled(state, batch, rng)
       except Exception as e:  # XLA reports out-of-memory as a generic runtime error.
         hint = _oom_hint(e)
         if hint is None:
