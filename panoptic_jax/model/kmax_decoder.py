@@ -54,9 +54,9 @@ class KMaXBlock(nnx.Module):
     self.query_conv3 = L.ConvBN(value_depth, query_ch, 1, bn_scale_init=0.0, dtype=dtype, rngs=rngs)
     self.ffn1 = L.ConvBN(query_ch, ffn, 1, act="gelu", dtype=dtype, rngs=rngs)
     self.ffn2 = L.ConvBN(ffn, query_ch, 1, bn_scale_init=0.0, dtype=dtype, rngs=rngs)
-    self.drop_kmeans = L.DropPath(drop_path, rngs=rngs)
-    self.drop_attn = L.DropPath(drop_path, rngs=rngs)
-    self.drop_ffn = L.DropPath(drop_path, rngs=rngs)
+    self.drop_kmeans = L.Dropout(drop_path, per_sample=True, rngs=rngs)
+    self.drop_attn = L.Dropout(drop_path, per_sample=True, rngs=rngs)
+    self.drop_ffn = L.Dropout(drop_path, per_sample=True, rngs=rngs)
 
   def __call__(self, pixel: jax.Array, centres: jax.Array):
     """`pixel [B, H, W, C]`, `centres [B, N, Q]` -> (new centres `[B, N, Q]`, predictions of this block)."""

@@ -174,27 +174,15 @@ class _Stream(nnx.Module):
     return jax.random.fold_in(self.key.get_value(), c)
 
 
-class DropPath(nnx.Module):
-  """Stochastic depth: drops the whole residual branch per sample (rate = 1 - keep probability)."""
-
-  def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    self.rate = float(rate)
-    self.deterministic = False
-    self.rng = _Stream(rngs) if self.rate > 0 else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.rng(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
 class Dropout(nnx.Module):
-  """Element-wise dropout (same role as `nnx.Dropout`, but with a `set_value` key stream)."""
+  """Dropout (same role as `nnx.Dropout`, with a `set_value` key stream); `per_sample=True` drops whole samples.
 
-  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+  Per-sample dropout of a residual branch is stochastic depth (drop-path); `rate` = 1 - keep probability.
+  """
+
+  def __init__(self, rate: float, *, per_sample: bool = False, rngs: nnx.Rngs):
     self.rate = float(rate)
+    self.per_sample = per_sample
     self.deterministic = False
     self.rng = _Stream(rngs) if self.rate > 0 else None
 
@@ -202,7 +190,8 @@ class Dropout(nnx.Module):
     if self.deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    mask = jax.random.bernoulli(self.rng(), keep, x.shape)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.per_sample else x.shape
+    mask = jax.random.bernoulli(self.rng(), keep, shape)
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 

@@ -112,7 +112,7 @@ class DecoderBlock(nnx.Module):
       raise ValueError(f"pixel decoder block type {block_type!r}; expected 'axial' or 'bottleneck'")
     self.conv3 = L.ConvBN(mid, f2, 1, bn_scale_init=0.0, dtype=dtype, rngs=rngs)
     self.shortcut = L.ConvBN(in_ch, f2, 1, dtype=dtype, rngs=rngs) if in_ch != f2 else None
-    self.drop_path = L.DropPath(drop_path, rngs=rngs)
+    self.drop_path = L.Dropout(drop_path, per_sample=True, rngs=rngs)
 
   def __call__(self, x):
     x = L.gelu(x)

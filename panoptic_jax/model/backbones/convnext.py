@@ -31,7 +31,7 @@ class ConvNeXtBlock(nnx.Module):
     self.pwconv1 = L.dense(dim, 4 * dim, use_bias=True, kernel_init=init, out_axis=ax.MLP, dtype=dtype, rngs=rngs)
     self.pwconv2 = L.dense(4 * dim, dim, use_bias=True, kernel_init=init, in_axis=ax.MLP, dtype=dtype, rngs=rngs)
     self.gamma = nnx.Param(jnp.full((dim,), layer_scale, jnp.float32), out_sharding=(ax.NORM,))
-    self.drop_path = L.DropPath(drop_path, rngs=rngs)
+    self.drop_path = L.Dropout(drop_path, per_sample=True, rngs=rngs)
 
   def __call__(self, x):
     y = self.dwconv(x)
