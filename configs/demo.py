@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.instance_weight = 1.0
   config.loss.semantic_weight = 1.0
   config.loss.instance_temperature = 1.5
-  config.loss.instance_sample_k = 1024  # The demo's 33x65 outputs have 2145 pixels.
+  config.loss.instance_sample_k = 512  # A quarter of the demo's 33x65 output pixels.
   config.loss.semantic_topk = 1.0
 
   config.optim = ml_collections.ConfigDict()

@@ -56,7 +56,7 @@ from panoptic_jax.data import format as fmt
 __all__ = ["INFO", "SPLITS", "GENERATOR_VERSION", "render_scene", "encode_example", "generate", "ensure_demo_dataset"]
 
 # Bump when the rendering changes, so that cached demo datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ("train", "val")
 _SUPERSAMPLE = 2
 _SPREAD_ID_STEP = 300
@@ -226,8 +226,8 @@ class _Scene:
     self.cam = _Camera(f=w * rng.uniform(0.5, 0.7), cx=w * rng.uniform(0.38, 0.62), hy=h * rng.uniform(0.36, 0.5),
                        hc=rng.uniform(1.3, 1.8))
     # Things are placed no farther than where they appear this small (a fraction of the image height), so that they
-    # stay learnable at low resolution; occlusion can still leave smaller fragments (see render_scene).
-    self.min_px = 0.12 * h
+    # stay learnable at the demo's resolution (output stride 4); occlusion can still leave smaller fragments.
+    self.min_px = 0.2 * h
     self.next_instance = {CAR: 1, PERSON: 1, CYCLIST: 1, SIGN: 1}
     self.things: dict[int, int] = {}  # canonical label -> pixels drawn (before occlusion by later objects)
     self.sun_side = rng.choice([-1, 1])
