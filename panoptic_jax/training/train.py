@@ -122,7 +122,7 @@ def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: 
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                "model_state": model_state, "opt_state": opt_state}
-  metrics = {**terms, "loss": loss, "grad_norm": optax.global_norm(grads),
+  metrics = {**terms, "loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"])}
   return new_state, metrics
 
