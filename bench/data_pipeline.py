@@ -18,6 +18,7 @@ ms/image/core (it is a separate process sharing the same cores). Targets (issue 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import pathlib
@@ -92,7 +93,7 @@ def measure_floor(dataset: Dataset, repeats: int = 2) -> dict:
 def measure_transform(dataset: Dataset, config: pipeline.PipelineConfig, repeats: int = 2) -> float:
   source = PanopticSource(dataset)
   elements = [source[i] for i in range(len(source))]
-  transform = transforms.TrainTransform(config.augment(), config.targets(dataset.info), config.photometric)
+  transform = transforms.TrainTransform(config.augment, config.targets(dataset.info), config.photometric)
   t0 = time.process_time()
   n = 0
   for r in range(repeats):
@@ -149,9 +150,9 @@ def main() -> None:
   root = pathlib.Path(synthetic.ensure_demo_dataset(cache, num_train=args.num, num_val=0, size=(height, width)))
   local = Dataset.open(root / "train")
   num_images = int(args.epochs * len(local))
-  base = pipeline.PipelineConfig(batch_size=args.batch, crop_size=crop, min_scale=0.5, max_scale=2.0,
-                                 num_mask_slots=256, output_stride=4, seed=0, num_workers=0, read_threads=0,
-                                 prefetch_batches=2, resize_backend=args.backend)
+  augment = transforms.AugmentConfig(crop_size=crop, min_scale=0.5, max_scale=2.0, backend=args.backend)
+  base = pipeline.PipelineConfig(batch_size=args.batch, augment=augment, num_mask_slots=256, output_stride=4, seed=0,
+                                 num_workers=0, read_threads=0, prefetch_batches=2)
   backend = transforms.resolve_backend(args.backend)
   load_before = os.getloadavg()
   threaded = pipeline.PipelineConfig(**{**base.__dict__, "read_threads": 2})
@@ -177,8 +178,8 @@ def main() -> None:
     for _ in range(args.rounds):
       floors.append(measure_floor(local))
       for b in available:
-        transform_ms[b].append(measure_transform(local, pipeline.PipelineConfig(**{**base.__dict__,
-                                                                                  "resize_backend": b})))
+        with_backend = dataclasses.replace(base, augment=dataclasses.replace(augment, backend=b))
+        transform_ms[b].append(measure_transform(local, with_backend))
       for where, dataset in datasets:
         for name, config in configs:
           results.setdefault(f"{where}, {name}", []).append(measure_pipeline(dataset, config, num_images))

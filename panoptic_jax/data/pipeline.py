@@ -1,6 +1,7 @@
 """Grain input pipelines: shuffled, augmented, process-sharded, checkpointable train batches; one-pass eval batches.
 
-    config = PipelineConfig(batch_size=32, crop_size=(1025, 2049), num_mask_slots=256, output_stride=2, seed=0)
+    config = PipelineConfig(batch_size=32, augment=transforms.AugmentConfig(crop_size=(1025, 2049)), num_mask_slots=256,
+                            output_stride=2, seed=0)
     train = make_train_iterator(Dataset.open("s3://bucket/cityscapes/train"), config)
     batch = next(train)                     # numpy arrays, this process's share of the global batch
     state = train.get_state()               # small dict; or grain.checkpoint.CheckpointSave(train) with Orbax
@@ -39,7 +40,6 @@ import dataclasses
 import math
 import sys
 import threading
-from typing import Any
 
 import grain
 import numpy as np
@@ -56,9 +56,7 @@ class PipelineConfig:
 
   Attributes:
     batch_size: global train batch size (all processes together); must divide by the process count.
-    crop_size: (height, width) of train crops; kMaX uses output_stride * k + 1.
-    min_scale, max_scale, scale_step, resize_to_crop, flip_prob, brightness, contrast, saturation, hue:
-      augmentation, see transforms.AugmentConfig.
+    augment: crop size, scale range, flip, photometric jitter and resize backend (transforms.AugmentConfig).
     photometric: apply the brightness / contrast / saturation / hue jitter.
     num_mask_slots: N, mask slots per image (kMaX: 128 COCO, 256 Cityscapes).
     output_stride: the model's output stride (targets are `label[::stride, ::stride]`).
@@ -67,23 +65,13 @@ class PipelineConfig:
     read_threads: threads per process reading and transforming batches (overlaps storage latency).
     prefetch_batches: batches read ahead per process (and buffered per worker).
     eval_batch_size: global eval batch size (default batch_size).
-    eval_crop_size: (height, width) of eval inputs (default crop_size).
+    eval_crop_size: (height, width) of eval inputs (default: the train crop size).
     eval_resize: scale eval images to fit the eval crop (False: pad only; the image must fit).
-    resize_backend: "auto" (OpenCV when installed, else Pillow), "cv2" or "pil"; see transforms.AugmentConfig.
   """
 
   batch_size: int = 16
-  crop_size: tuple[int, int] = (641, 641)
-  min_scale: float = 0.5
-  max_scale: float = 2.0
-  scale_step: float = 0.0
-  resize_to_crop: bool = False
-  flip_prob: float = 0.5
+  augment: transforms.AugmentConfig = transforms.AugmentConfig()
   photometric: bool = True
-  brightness: float = 0.2
-  contrast: float = 0.2
-  saturation: float = 0.2
-  hue: float = 0.03
   num_mask_slots: int = 128
   output_stride: int = 4
   seed: int = 0
@@ -93,10 +81,8 @@ class PipelineConfig:
   eval_batch_size: int | None = None
   eval_crop_size: tuple[int, int] | None = None
   eval_resize: bool = True
-  resize_backend: str = "auto"
 
   def __post_init__(self):
-    object.__setattr__(self, "crop_size", tuple(int(v) for v in self.crop_size))
     if self.eval_crop_size is not None:
       object.__setattr__(self, "eval_crop_size", tuple(int(v) for v in self.eval_crop_size))
     for name in ("batch_size", "num_mask_slots", "output_stride", "prefetch_batches"):
@@ -107,23 +93,6 @@ class PipelineConfig:
     for name in ("num_workers", "read_threads"):
       if getattr(self, name) < 0:
         raise ValueError(f"PipelineConfig.{name}: expected an integer >= 0, found {getattr(self, name)}")
-    self.augment()  # Validates the augmentation fields.
-
-  @classmethod
-  def from_mapping(cls, values: Any) -> "PipelineConfig":
-    """From a dict or ConfigDict holding (a subset of) the fields; unknown keys raise, naming them."""
-    values = dict(values)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-      raise ValueError(f"unknown pipeline settings {unknown}; expected some of {sorted(names)}")
-    return cls(**values)
-
-  def augment(self) -> transforms.AugmentConfig:
-    return transforms.AugmentConfig(
-        crop_size=self.crop_size, min_scale=self.min_scale, max_scale=self.max_scale, scale_step=self.scale_step,
-        resize_to_crop=self.resize_to_crop, flip_prob=self.flip_prob, brightness=self.brightness,
-        contrast=self.contrast, saturation=self.saturation, hue=self.hue, backend=self.resize_backend)
 
   def targets(self, info: fmt.DatasetInfo) -> transforms.TargetConfig:
     return transforms.TargetConfig.from_info(info, self.num_mask_slots, self.output_stride)
@@ -259,7 +228,7 @@ def train_dataset(data, config: PipelineConfig, process_index: int | None = None
   process_index, process_count = _process(process_index, process_count)
   per_process = _per_process(config.batch_size, process_count, "batch_size")
   shuffle_seed, augment_seed = _seeds(config.seed)
-  transform = transforms.TrainTransform(config.augment(), config.targets(info), photometric=config.photometric)
+  transform = transforms.TrainTransform(config.augment, config.targets(info), photometric=config.photometric)
   ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed)
   ds = ds.random_map(transform, seed=augment_seed)  # Before sharding: seeded by the position in the global stream.
   ds = ProcessRows(ds, per_process, process_index, process_count)
@@ -310,8 +279,8 @@ def eval_dataset(data, config: PipelineConfig, process_index: int | None = None,
   per_process = _per_process(batch_size, process_count, "eval_batch_size")
   step = per_process * process_count
   total = math.ceil(len(source) / step) * step
-  transform = transforms.EvalTransform(config.eval_crop_size or config.crop_size, config.targets(info),
-                                       resize=config.eval_resize, backend=config.resize_backend)
+  transform = transforms.EvalTransform(config.eval_crop_size or config.augment.crop_size, config.targets(info),
+                                       resize=config.eval_resize, backend=config.augment.backend)
   ds = ProcessRows(grain.MapDataset.source(_PaddedSource(source, total)), per_process, process_index, process_count)
   return ds.map(transform).batch(per_process, drop_remainder=True)
 

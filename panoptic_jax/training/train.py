@@ -19,7 +19,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from panoptic_jax.data import pipeline, synthetic
+from panoptic_jax.data import pipeline, synthetic, transforms
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.model import kmax_deeplab, sharding_rules
 from panoptic_jax.training import checkpoint, losses, optim, sharding
@@ -149,11 +149,12 @@ def _oom_hint(error: Exception) -> TrainingError | None:
 
 def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig
                      ) -> pipeline.PipelineConfig:
+  augment = transforms.AugmentConfig(crop_size=tuple(config.input.crop_size), min_scale=config.input.min_scale,
+                                     max_scale=config.input.max_scale, resize_to_crop=config.input.resize_to_crop)
   return pipeline.PipelineConfig(
-      batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
-      crop_size=tuple(config.input.crop_size), min_scale=config.input.min_scale, max_scale=config.input.max_scale,
-      resize_to_crop=config.input.resize_to_crop, num_mask_slots=arch.num_slots, output_stride=arch.output_stride,
-      seed=config.seed, num_workers=config.input.num_workers)
+      batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size, augment=augment,
+      num_mask_slots=arch.num_slots, output_stride=arch.output_stride, seed=config.seed,
+      num_workers=config.input.num_workers)
 
 
 def _check_finite(history: list[tuple[int, dict]]) -> None:
