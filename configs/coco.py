@@ -24,7 +24,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.preset = "kmax_r50_coco"  # Architecture numbers live in panoptic_jax/model/kmax_deeplab.py.
   config.model.dtype = "float32"  # "bfloat16": bf16 compute, f32 parameters.
   config.model.remat = False  # Recompute activations per stage in the backward pass (less memory, ~30% slower).
-  config.model.init_checkpoint = ""  # Optional local pretrained-backbone checkpoint (never downloaded).
 
   config.input = ml_collections.ConfigDict()
   config.input.crop_size = (1281, 1281)

@@ -27,7 +27,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.preset = "kmax_r50_coco"
   config.model.dtype = "float32"  # "bfloat16" halves activation memory on TPU / recent GPUs.
   config.model.remat = False  # True if the step runs out of memory.
-  config.model.init_checkpoint = ""
 
   config.input = ml_collections.ConfigDict()
   config.input.crop_size = (641, 641)  # EDIT: output_stride * k + 1; the long image side is a good start.

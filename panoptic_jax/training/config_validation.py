@@ -12,7 +12,7 @@ class ConfigError(ValueError):
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "seed": int,
     "dataset.train": str, "dataset.val": str, "dataset.endpoint_url": str,
-    "model.preset": str, "model.dtype": str, "model.remat": bool, "model.init_checkpoint": str,
+    "model.preset": str, "model.dtype": str, "model.remat": bool,
     "input.crop_size": (tuple, list), "input.min_scale": (int, float), "input.max_scale": (int, float),
     "input.num_workers": int, "input.resize_to_crop": bool,
     "loss.pq_weight": (int, float), "loss.mask_id_weight": (int, float), "loss.instance_weight": (int, float),
