@@ -12,6 +12,7 @@ with another test session), and test credentials in its environment (they become
 stopped with SIGTERM (then SIGKILL) at the end of the session.
 """
 
+import ctypes
 import dataclasses
 import itertools
 import os
@@ -136,6 +137,12 @@ def _wait_healthy(server: S3Server, timeout_s: float) -> None:
                      f"its log ({server.log_path}):\n{server.log()[-4000:]}")
 
 
+def _die_with_parent() -> None:
+  """In the server's process before exec: SIGTERM it when pytest dies, even if pytest is killed before its teardown."""
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
   """Starts `weed mini` on free loopback ports and waits for /healthz; the caller must call `stop_server`."""
   weed = find_weed()
@@ -153,7 +160,7 @@ def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
   env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION=REGION)
   with open(log_path, "wb") as log:
     process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               cwd=data_dir, start_new_session=True)
+                               cwd=data_dir, start_new_session=True, preexec_fn=_die_with_parent)
   server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, REGION, data_dir, log_path, process)
   try:
     _wait_healthy(server, timeout_s)
