@@ -137,10 +137,14 @@ def _wait_healthy(server: S3Server, timeout_s: float) -> None:
                      f"its log ({server.log_path}):\n{server.log()[-4000:]}")
 
 
+# Resolved here, in the parent: the forked child of a threaded process must not load libraries before exec.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
   """In the server's process before exec: SIGTERM it when pytest dies, even if pytest is killed before its teardown."""
-  if sys.platform.startswith("linux"):
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+  if _PRCTL is not None:
+    _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
