@@ -131,8 +131,8 @@ class Evaluator:
       stats = jax.device_get(stats)
       if np.any(stats["num_mixed_blocks"] > stats["max_mixed_blocks"]):
         self.mixed_fraction = min(1.0, 2 * self.mixed_fraction)
-        logging.info("PQ: an image has %d mixed pixel blocks; recompiling with mixed_fraction=%g",
-                     int(stats["num_mixed_blocks"].max()), self.mixed_fraction)
+        logging.info("PQ: an image has more mixed 8x8 tiles or 8-pixel rows than compiled for; recompiling with "
+                     "mixed_fraction=%g", self.mixed_fraction)
         continue
       needed = int(max(stats["num_gt_slots"].max(), stats["num_pred_slots"].max()))
       if needed <= self.max_segments:

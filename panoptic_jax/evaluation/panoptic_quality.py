@@ -16,13 +16,20 @@ Per image, panopticapi's rules (reference/metrics.md):
   * FP = unmatched predicted segment unless `(|pred n GT VOID| + |pred n crowd of its category|) / pred_area > 0.5`.
 All comparisons are done exactly in integers (`2 * intersection > union`).
 
-Algorithm (no [H*W, S*S] one-hots, no sort, no cumsum): pixels are taken in row-major blocks of 8; a block where
-both maps are constant counts once with weight 8, the few "mixed" blocks (region boundaries) are gathered and counted
-pixel by pixel. Each side's values are compacted to at most `max_segments` slots per image with a presence table
-over the value range, ranked with blocked triangular matmuls (XLA CPU's cumsum is slow); one scatter-add of
-`gt_slot * S + pred_slot` gives the joint histogram [S, S], from which areas, VOID and crowd overlaps and the
-matching follow with small dense ops. GT crowd regions, VOID and UNLISTED pixels are GT slots too. Scatters and
-gathers (serial on XLA CPU) touch N/8 + mixed_fraction * N entries per side instead of N.
+Algorithm (static shapes, no sort, no one-hots). On XLA CPU a fused pass over the maps runs at memory speed, while
+scatters and gathers are serial (~1 ns per element), so every pixel is read once and only region boundaries are
+scattered. Images are processed one at a time (`lax.map`), which keeps their temporaries in cache:
+  1. One fused pass (a variadic reduce) reads the GT, crowd and predicted maps and gives the (GT key, predicted key)
+     pair of every row of 8 pixels, or MIXED; a pass over that 8x smaller result merges 8 rows into 8x8 tiles.
+  2. Weighted entries: each uniform tile (weight 64); the 8 rows of each mixed tile (weight 8 when uniform); the 8
+     pixels of each mixed row (weight 1). Mixed tiles and rows are compacted to static capacities set by
+     `mixed_fraction` (prefix sums as triangular matmuls, then a scatter). On region maps about 10-13% of the
+     pixels become entries.
+  3. Slots: per side, one scatter marks the present keys in a bitmask over the key range (uint32 words); an entry's
+     slot is its key's rank, `present keys in earlier words + popcount(word & lower bits)`, so each image has at
+     most `max_segments` slots per side. GT crowd regions, VOID and UNLISTED pixels are GT slots too.
+  4. Scatter-adds of the weights at `gt_slot * S + pred_slot` give the joint histogram [S, S], from which areas,
+     VOID and crowd overlaps and the matching follow with small dense ops.
 
 Outputs are integers with static shapes: per-category `tp`, `fp`, `fn` summed over the batch (under `jax.jit` with
 the batch sharded over a mesh they are the global sums) and, per image and GT slot, the matched pair's category,
@@ -50,8 +57,14 @@ __all__ = ["VOID", "UNLISTED", "NO_CROWD", "panoptic_stats", "PanopticQualityAcc
            "SegmentOverflowError", "MixedBlockOverflowError"]
 
 
-# Pixels are counted in blocks of BLOCK consecutive values (row-major); see `_joint_histogram`.
-BLOCK = 8
+# Pixels are counted in TILE x TILE tiles, then rows of TILE pixels, then pixels; see `_block_entries`.
+TILE = 8
+# Capacity for mixed rows, as a share of the capacity for mixed tiles (mixed_fraction): on region maps about 40% of
+# the rows of a mixed tile are mixed (a horizontal boundary leaves them uniform).
+ROW_SHARE = 0.5
+# Key pair markers of `_merge_groups` (keys are >= 0).
+MIXED = -1
+INIT = -2
 
 
 class SegmentOverflowError(ValueError):
@@ -59,98 +72,238 @@ class SegmentOverflowError(ValueError):
 
 
 class MixedBlockOverflowError(ValueError):
-  """An image has more mixed pixel blocks than the static `mixed_fraction` of the jitted metric allows."""
+  """An image has more mixed tiles or rows than the static `mixed_fraction` of the jitted metric allows."""
 
 
 def _exclusive_cumsum(x: jnp.ndarray, width: int = 32) -> jnp.ndarray:
   """Exclusive prefix sum of a float32 vector [n] of small non-negative integers, with matmuls.
 
-  XLA CPU lowers `cumsum` to a slow windowed reduction; a blocked triangular matmul is exact (float32 sums of
-  integers below 2^24) and an order of magnitude faster.
+  XLA CPU lowers `cumsum` to a slow windowed reduction; blocked triangular matmuls are exact (float32 sums of
+  integers below 2^24) and an order of magnitude faster. The block offsets ride along as an extra matmul column so
+  that the result is a matmul's output: XLA would otherwise fuse the additions into a consuming gather and redo them
+  per gathered element.
   """
   n = x.shape[0]
   if n <= width:
     return x @ jnp.triu(jnp.ones((n, n), jnp.float32), 1)
   rows = -(-n // width)
   blocks = jnp.pad(x, (0, rows * width - n)).reshape(rows, width)
-  within = blocks @ jnp.triu(jnp.ones((width, width), jnp.float32), 1)
-  return (within + _exclusive_cumsum(blocks.sum(axis=1), width)[:, None]).reshape(-1)[:n]
+  offsets = _exclusive_cumsum(blocks.sum(axis=1), width)
+  matrix = jnp.concatenate([jnp.triu(jnp.ones((width, width), jnp.float32), 1), jnp.ones((1, width), jnp.float32)])
+  return (jnp.concatenate([blocks, offsets[:, None]], axis=1) @ matrix).reshape(-1)[:n]
 
 
-def _slot_table(present: jnp.ndarray, max_segments: int):
-  """Ranks the present values of a value table.
+def _take(values: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """values.ravel()[index] for in-bounds indices (without jnp's negative-index wrapping)."""
+  return values.ravel().at[index].get(mode="promise_in_bounds")
+
+
+def _compact(flags: jnp.ndarray, values: jnp.ndarray, capacity: int):
+  """The values at the set flags, in order.
 
   Args:
-    present: bool [T] values occurring in the image.
+    flags: bool [n].
+    values: int32 [n].
+    capacity: static number of values kept.
+
+  Returns:
+    kept: int32 [capacity] values at the first `capacity` set flags (0 past the count).
+    used: bool [capacity] whether the entry holds a value.
+    count: int32 number of set flags (more than capacity: values past it are dropped).
+  """
+  position = _exclusive_cumsum(flags.astype(jnp.float32)).astype(jnp.int32)
+  count = position[-1] + flags[-1]
+  target = jnp.where(flags, jnp.minimum(position, capacity), capacity)
+  kept = jnp.zeros(capacity + 1, jnp.int32).at[target].set(values, mode="promise_in_bounds")
+  return kept[:capacity], jnp.arange(capacity, dtype=jnp.int32) < count, count
+
+
+def _merge_pairs(x: tuple[jnp.ndarray, jnp.ndarray], y: tuple[jnp.ndarray, jnp.ndarray]):
+  """Reducer: the common (GT, predicted) key pair of two entries, MIXED when they differ; INIT is the identity."""
+  (x_gt, x_pred), (y_gt, y_pred) = x, y
+  same = (x_gt == y_gt) & (x_pred == y_pred)
+  merged_gt = jnp.where(same, x_gt, MIXED)
+  merged_pred = jnp.where(same, x_pred, MIXED)
+  merged_gt = jnp.where(x_gt == INIT, y_gt, jnp.where(y_gt == INIT, x_gt, merged_gt))
+  merged_pred = jnp.where(x_gt == INIT, y_pred, jnp.where(y_gt == INIT, x_pred, merged_pred))
+  return merged_gt, merged_pred
+
+
+def _merge_groups(gt_key: jnp.ndarray, pred_key: jnp.ndarray, axis: int):
+  """The key pair of each group along `axis` if the group holds one pair, else MIXED (for both keys).
+
+  A variadic reduce: XLA CPU reads the maps once and writes both outputs (a `jnp.all` plus selects of the group's
+  first element reads them twice).
+  """
+  return jax.lax.reduce((gt_key, pred_key), (np.int32(INIT), np.int32(INIT)), _merge_pairs, (axis,))
+
+
+def _capacities(tiles: int, mixed_fraction: float) -> tuple[int, int]:
+  """Static numbers of mixed tiles and mixed rows one image may have."""
+  tile_capacity = min(tiles, math.ceil(tiles * mixed_fraction))
+  return tile_capacity, min(TILE * tile_capacity, math.ceil(TILE * tiles * mixed_fraction * ROW_SHARE))
+
+
+def _block_entries(gt_key: jnp.ndarray, pred_key: jnp.ndarray, gt_pad: int, pred_pad: int, tile_capacity: int,
+                   row_capacity: int):
+  """Weighted (GT key, predicted key) entries of one image that add up to its joint pixel histogram.
+
+  Uniform 8x8 tiles are one entry of weight 64; each mixed tile (up to tile_capacity) gives its 8 rows of 8 pixels,
+  a uniform row is one entry of weight 8; each mixed row (up to row_capacity) gives its 8 pixels. Entries that stand
+  for nothing (mixed tiles and rows, unused capacity) hold the pad keys, which the histogram drops.
+
+  Args:
+    gt_key, pred_key: int32 [H, W] keys, H and W multiples of TILE.
+    gt_pad, pred_pad: the keys that count nowhere.
+    tile_capacity, row_capacity: static.
+
+  Returns:
+    parts: [(GT keys, predicted keys, weight)] for tiles, rows and pixels, int32 [n] keys each; mixed: int32 [2]
+    mixed tiles and mixed rows.
+  """
+  h, w = gt_key.shape
+  tiles_w = w // TILE
+  # Rows [H, W / TILE], then tiles [H / TILE, W / TILE], MIXED where the group holds several pairs. Only the first
+  # pass reads the maps; it is memory-bound.
+  row_gt, row_pred = _merge_groups(gt_key.reshape(h, tiles_w, TILE), pred_key.reshape(h, tiles_w, TILE), axis=2)
+  shape = (h // TILE, TILE, tiles_w)
+  tile_gt, tile_pred = (x.ravel() for x in _merge_groups(row_gt.reshape(shape), row_pred.reshape(shape), axis=1))
+  tile_mixed = tile_gt == MIXED
+
+  # The rows of the mixed tiles: positions [tile_capacity * TILE] in the row arrays.
+  tile, tile_used, num_tiles = _compact(tile_mixed, jnp.arange(tile_mixed.size, dtype=jnp.int32), tile_capacity)
+  row = (((tile // tiles_w * TILE)[:, None] + jnp.arange(TILE, dtype=jnp.int32)) * tiles_w
+         + (tile % tiles_w)[:, None]).ravel()
+  row_used = jnp.repeat(tile_used, TILE)
+  rows_gt = jnp.where(row_used, _take(row_gt, row), gt_pad)
+  rows_pred = jnp.where(row_used, _take(row_pred, row), pred_pad)
+  row_mixed = rows_gt == MIXED
+
+  # The pixels of the mixed rows: positions [row_capacity * TILE] in the maps.
+  mixed_row, pixel_used, num_rows = _compact(row_mixed, row, row_capacity)
+  pixel = ((mixed_row * TILE)[:, None] + jnp.arange(TILE, dtype=jnp.int32)).ravel()
+  pixel_used = jnp.repeat(pixel_used, TILE)
+
+  pixels_gt = jnp.where(pixel_used, _take(gt_key, pixel), gt_pad)
+  pixels_pred = jnp.where(pixel_used, _take(pred_key, pixel), pred_pad)
+  parts = [(jnp.where(tile_mixed, gt_pad, tile_gt), jnp.where(tile_mixed, pred_pad, tile_pred), TILE * TILE),
+           (jnp.where(row_mixed, gt_pad, rows_gt), jnp.where(row_mixed, pred_pad, rows_pred), TILE),
+           (pixels_gt, pixels_pred, 1)]
+  return parts, jnp.stack([num_tiles, num_rows])
+
+
+def _pack_bits(bits: jnp.ndarray) -> jnp.ndarray:
+  """bool [n, 32] -> uint32 [n] words, bit l = bits[:, l].
+
+  The bytes of each 4 booleans, read as one little-endian uint32, are gathered into 4 adjacent bits by one multiply
+  (b0 + b1 2^8 + b2 2^16 + b3 2^24 times 2^24 + 2^17 + 2^10 + 2^3 puts b_i at bit 24 + i, every other product below
+  bit 20 or above bit 31); 8 nibbles then make the word. A sum of 32 shifted lanes per word is several times slower.
+  """
+  quads = jax.lax.bitcast_convert_type(bits.astype(jnp.uint8).reshape(-1, 8, 4), jnp.uint32)  # [n, 8]
+  nibbles = (quads * jnp.uint32(0x01020408)) >> 24
+  return jnp.sum(nibbles << (4 * jnp.arange(8, dtype=jnp.uint32)), axis=1, dtype=jnp.uint32)
+
+
+def _present_keys(entries: Sequence[jnp.ndarray], size: int, max_segments: int):
+  """Ranks the keys present among `entries` with a presence bitmask: 32 keys per uint32 word, popcounts per word.
+
+  A prefix sum over a full presence table ([size] floats) costs more than all the lookups on COCO-size images; the
+  bitmask takes one pass over [size] booleans and a prefix sum over size / 32 word counts.
+
+  Args:
+    entries: int32 [n] arrays of keys in [0, size]; `size` marks padding.
+    size: key range.
     max_segments: S.
 
   Returns:
-    table: int32 [T + 1] value -> rank among present values (clipped to S - 1); entry T (padding) -> S.
-    keys: int32 [S] the present values in increasing order, padded with T.
-    count: int32 number of present values.
-  """
-  rank = _exclusive_cumsum(present.astype(jnp.float32)).astype(jnp.int32)
-  inclusive = rank + present
-  keys = jnp.searchsorted(inclusive, jnp.arange(max_segments, dtype=jnp.int32), side="right").astype(jnp.int32)
-  table = jnp.concatenate([jnp.minimum(rank, max_segments - 1), jnp.array([max_segments], jnp.int32)])
-  return table, keys, inclusive[-1]
-
-
-def _joint_histogram(gt_key, pred_key, uniform, gt_size: int, pred_size: int, max_segments: int, block: int,
-                     capacity: int):
-  """Slots and the joint slot histogram of a batch.
-
-  Pixels come in blocks of `block` consecutive values. A block where both maps are constant is counted once with
-  weight `block`; the other ("mixed") blocks pixel by pixel, up to `capacity` of them (the caller reports more as an
-  overflow). On maps made of regions this cuts the scatters and gathers, which XLA CPU runs serially, ~3x. Scatters
-  and gathers index flat arrays (image offsets added) rather than being vmapped: XLA builds [n, 2] index arrays for
-  batched ones.
-
-  Args:
-    gt_key, pred_key: int32 [B, N] (N a multiple of block) values in [0, size]; `size` marks padding (counted
-      nowhere).
-    uniform: bool [B, N / block] whether both maps are constant over the block (unused when block = 1).
-    gt_size, pred_size: value table sizes.
-
-  Returns:
-    joint: int32 [B, S, S]; gt_keys, pred_keys: int32 [B, S]; num_gt, num_pred: int32 [B].
+    slot: function, int32 keys [m] in [0, size] -> int32 [m] rank among the present keys (clipped to S - 1), S for
+      the padding key.
+    keys: int32 [S] the present keys in increasing order, padded with `size`.
+    count: int32 number of present keys.
   """
   s = max_segments
-  batch = gt_key.shape[0]
-  image = jnp.arange(batch, dtype=jnp.int32)[:, None]
-  gb, pb = gt_key.reshape(batch, -1, block), pred_key.reshape(batch, -1, block)
-  # Parts: (gt values, predicted values, weights), [B, n] each; block representatives first, then the mixed pixels.
-  parts = [(gb[:, :, 0], pb[:, :, 0], block if block == 1 else jnp.where(uniform, block, 0))]
-  if block > 1:
-    blocks = gb.shape[1]
-    mixed = ~uniform
-    position = jax.vmap(_exclusive_cumsum)(mixed.astype(jnp.float32)).astype(jnp.int32)
-    target = jnp.where(mixed, position, capacity) + image * (capacity + 1)
-    index = jnp.zeros(batch * (capacity + 1), jnp.int32).at[target.ravel()].set(
-        jnp.tile(jnp.arange(blocks, dtype=jnp.int32), batch), mode="promise_in_bounds")
-    index = index.reshape(batch, capacity + 1)[:, :capacity]
-    used = (jnp.arange(capacity) < (position[:, -1] + mixed[:, -1])[:, None])[:, :, None]
-    pixel = ((index + image * blocks) * block)[:, :, None] + jnp.arange(block, dtype=jnp.int32)
-    parts.append((jnp.where(used, gt_key.ravel()[pixel], gt_size).reshape(batch, -1),
-                  jnp.where(used, pred_key.ravel()[pixel], pred_size).reshape(batch, -1), 1))
+  num_words = size // 32 + 1
+  present = jnp.zeros(num_words * 32, jnp.bool_)
+  for part in entries:
+    present = present.at[part].set(True, mode="promise_in_bounds")
+  present &= jnp.arange(num_words * 32) < size  # Not the padding key.
+  words = _pack_bits(present.reshape(num_words, 32))
+  counts = jax.lax.population_count(words).astype(jnp.int32)
+  before = _exclusive_cumsum(counts.astype(jnp.float32)).astype(jnp.int32)  # Present keys in earlier words.
+  count = before[-1] + counts[-1]
 
-  def slots(side, size):
-    present = jnp.zeros(batch * (size + 1), jnp.bool_)
-    for part in parts:
-      present = present.at[(part[side] + image * (size + 1)).ravel()].set(True, mode="promise_in_bounds")
-    table, keys, count = jax.vmap(functools.partial(_slot_table, max_segments=s))(
-        present.reshape(batch, size + 1)[:, :size])
-    table = table.ravel()
-    return [table[part[side] + image * (size + 1)] for part in parts], keys, count
+  def slot(keys):
+    word = keys >> 5
+    below = _take(words, word) & ((jnp.uint32(1) << (keys & 31).astype(jnp.uint32)) - 1)
+    rank = _take(before, word) + jax.lax.population_count(below).astype(jnp.int32)
+    return jnp.where(keys == size, s, jnp.minimum(rank, s - 1))
 
-  g_slots, gt_keys, num_gt = slots(0, gt_size)
-  p_slots, pred_keys, num_pred = slots(1, pred_size)
-  joint = jnp.zeros(batch * (s + 1) * (s + 1), jnp.int32)
-  for g, p, (_, _, weight) in zip(g_slots, p_slots, parts):
-    weight = jnp.broadcast_to(weight, g.shape)
-    joint = joint.at[(g * (s + 1) + p + image * (s + 1) ** 2).ravel()].add(weight.ravel(), mode="promise_in_bounds")
-  joint = joint.reshape(batch, s + 1, s + 1)[:, :s, :s]
-  return joint, gt_keys, pred_keys, num_gt, num_pred
+  # Slot j's key: the last word with present keys that starts at or before slot j (a scatter-max of word indices at
+  # their first slots, then a running max), and in it the lane of the (j - before)-th set bit.
+  j = jnp.arange(s, dtype=jnp.int32)
+  lane = jnp.arange(32, dtype=jnp.uint32)
+  start = jnp.where(counts > 0, jnp.minimum(before, s), s)
+  word = jax.lax.cummax(jnp.zeros(s + 1, jnp.int32).at[start].max(jnp.arange(num_words, dtype=jnp.int32),
+                                                                   mode="promise_in_bounds")[:s])
+  upto = jax.lax.population_count(_take(words, word)[:, None] & ((jnp.uint32(2) << lane) - 1)).astype(jnp.int32)
+  position = jnp.sum(upto <= (j - _take(before, word))[:, None], axis=1, dtype=jnp.int32)
+  return slot, jnp.where(j < count, word * 32 + position, size), count
+
+
+def _joint_histogram(parts: Sequence[tuple[jnp.ndarray, jnp.ndarray, int]], gt_size: int, pred_size: int,
+                     max_segments: int):
+  """Slots and the joint slot histogram of one image's weighted key pairs.
+
+  Each side's keys are ranked among the keys present on that side (`_present_keys`), which maps them to slots;
+  scatter-adds of the weights at `gt_slot * (S + 1) + pred_slot` give the histogram.
+
+  Args:
+    parts: [(GT keys, predicted keys, weight)], int32 [n] keys in [0, size] (`size` marks padding, counted
+      nowhere) and a scalar weight.
+    gt_size, pred_size: key ranges.
+    max_segments: S.
+
+  Returns:
+    joint: int32 [S, S]; gt_keys, pred_keys: int32 [S]; num_gt, num_pred: int32.
+  """
+  s = max_segments
+  gt_slot, gt_keys, num_gt = _present_keys([part[0] for part in parts], gt_size, s)
+  pred_slot, pred_keys, num_pred = _present_keys([part[1] for part in parts], pred_size, s)
+  joint = jnp.zeros((s + 1) ** 2, jnp.int32)
+  for gt_entries, pred_entries, weight in parts:
+    cell = gt_slot(gt_entries) * (s + 1) + pred_slot(pred_entries)
+    joint = joint.at[cell].add(weight, mode="promise_in_bounds")
+  return joint.reshape(s + 1, s + 1)[:s, :s], gt_keys, pred_keys, num_gt, num_pred
+
+
+def _image_histogram(gt: jnp.ndarray, pred: jnp.ndarray, crowd: jnp.ndarray | None, *, num_categories: int,
+                     key_divisor: int, max_segments: int, mixed_fraction: float):
+  """`_joint_histogram` of one image's [H, W] maps, plus its mixed tiles and rows [2] and their capacities [2]."""
+  c, div = num_categories, key_divisor
+  h, w = gt.shape
+  seg_range = c * div
+  # GT keys: segments [0, C*div), crowd of category k: C*div + k, UNLISTED: C*div + C, VOID: C*div + C + 1.
+  gt_void_key, gt_unlisted_key = seg_range + c + 1, seg_range + c
+  gt_key = jnp.where(gt >= 0, jnp.minimum(gt, seg_range - 1), gt_void_key)
+  if crowd is not None:
+    gt_key = jnp.where(crowd >= 0, seg_range + jnp.minimum(crowd, c - 1),
+                       jnp.where(crowd == NO_CROWD, gt_key, gt_unlisted_key))
+  # Predicted keys: segments [0, C*div), VOID: C*div.
+  pred_void_key = seg_range
+  pred_key = jnp.where(pred >= 0, jnp.minimum(pred, seg_range - 1), pred_void_key)
+  gt_size, pred_size = gt_void_key + 1, pred_void_key + 1  # The sizes are the pad keys.
+
+  if mixed_fraction >= 1:  # Pixel by pixel: nothing can overflow.
+    parts = [(gt_key.ravel(), pred_key.ravel(), 1)]
+    mixed = capacity = jnp.zeros(2, jnp.int32)
+  else:
+    padding = ((0, -h % TILE), (0, -w % TILE))
+    gt_key = jnp.pad(gt_key, padding, constant_values=gt_size)
+    pred_key = jnp.pad(pred_key, padding, constant_values=pred_size)
+    tile_capacity, row_capacity = _capacities(gt_key.size // TILE ** 2, mixed_fraction)
+    parts, mixed = _block_entries(gt_key, pred_key, gt_size, pred_size, tile_capacity, row_capacity)
+    capacity = jnp.array([tile_capacity, row_capacity], jnp.int32)
+  return *_joint_histogram(parts, gt_size, pred_size, max_segments), mixed, capacity
 
 
 def panoptic_stats(gt: jnp.ndarray, pred: jnp.ndarray, gt_crowd: jnp.ndarray | None = None, *, num_categories: int,
@@ -167,13 +320,13 @@ def panoptic_stats(gt: jnp.ndarray, pred: jnp.ndarray, gt_crowd: jnp.ndarray | N
     max_segments: static number of slots per image and side. GT slots hold segments, crowd regions (one per
       category), VOID and UNLISTED; predicted slots hold segments and VOID.
     with_confusion: also return the semantic confusion matrix (see below).
-    mixed_fraction: static share of the image's blocks of 8 consecutive pixels (row-major) in which the GT or the
-      prediction changes value that the compiled metric can count (region maps: ~5-20%); 1 counts pixel by pixel
-      (slower, never overflows).
+    mixed_fraction: static capacity for "mixed" 8x8 pixel tiles (the GT or the prediction changes value in them)
+      as a share of the image's tiles, and for mixed rows of 8 pixels as half that share of its rows (region maps:
+      10-30% of the tiles, 5-20% of the rows); 1 counts pixel by pixel (slower, never overflows).
 
-  The work is jitted. When `gt` is a jax.Array whose batch dimension (only) is sharded over a mesh axis, each
-  device counts its own images (`shard_map`; the per-category sums are `psum`-ed), because the flat scatters used
-  here would otherwise make XLA gather the batch onto every device.
+  The work is jitted; images are processed one after the other (`lax.map`). When `gt` is a jax.Array whose batch
+  dimension (only) is sharded over a mesh axis, each device counts its own images (`shard_map`; the per-category
+  sums are `psum`-ed), because the scatters used here would otherwise make XLA gather the batch onto every device.
 
   Returns:
     dict of int32 arrays:
@@ -182,8 +335,9 @@ def panoptic_stats(gt: jnp.ndarray, pred: jnp.ndarray, gt_crowd: jnp.ndarray | N
       match_intersection, match_union: [B, S] the matched pair's intersection and union (0 when unmatched).
       num_gt_slots, num_pred_slots: [B] slots used; more than max_segments means the results of that image are
         invalid (`PanopticQualityAccumulator.update` raises).
-      num_mixed_blocks, max_mixed_blocks: [B] mixed blocks of the image and the compiled capacity; more than the
-        capacity also means invalid results (raise mixed_fraction).
+      num_mixed_blocks, max_mixed_blocks: [B, 2] the image's mixed tiles and mixed rows and the compiled
+        capacities (zeros when mixed_fraction >= 1); more than a capacity also means invalid results (raise
+        mixed_fraction).
       confusion (with_confusion): [C, C + 1] pixels of GT category (row; crowd regions count as their category,
         VOID and UNLISTED are excluded) predicted as category (column; column C = predicted VOID).
   """
@@ -208,10 +362,8 @@ def _panoptic_stats(gt, pred, gt_crowd, *, num_categories, label_divisor, max_se
   summed = ("tp", "fp", "fn", "confusion")
 
   def local(gt, pred, crowd):
-    batch = gt.shape[0]
-    out = _stats(gt.reshape(batch, -1), pred.reshape(batch, -1), None if crowd is None else crowd.reshape(batch, -1),
-                 num_categories=num_categories, key_divisor=label_divisor, max_segments=max_segments,
-                 with_confusion=with_confusion, mixed_fraction=mixed_fraction)
+    out = _stats(gt, pred, crowd, num_categories=num_categories, key_divisor=label_divisor,
+                 max_segments=max_segments, with_confusion=with_confusion, mixed_fraction=mixed_fraction)
     return {k: jax.lax.psum(v, axis) if mesh is not None and k in summed else v for k, v in out.items()}
 
   if mesh is None:
@@ -224,36 +376,15 @@ def _panoptic_stats(gt, pred, gt_crowd, *, num_categories, label_divisor, max_se
 
 def _stats(gt, pred, crowd, *, num_categories: int, key_divisor: int, max_segments: int, with_confusion: bool,
            mixed_fraction: float):
-  """panoptic_stats on [B, N] maps encoded `category * key_divisor + instance`."""
+  """panoptic_stats on [B, H, W] maps encoded `category * key_divisor + instance`."""
   c, div, s = num_categories, key_divisor, max_segments
-  batch = gt.shape[0]
   seg_range = c * div
-  # GT keys: segments [0, C*div), crowd of category k: C*div + k, UNLISTED: C*div + C, VOID: C*div + C + 1.
-  gt_void_key, gt_unlisted_key = seg_range + c + 1, seg_range + c
-  gt_key = jnp.where(gt >= 0, jnp.minimum(gt, seg_range - 1), gt_void_key)
-  if crowd is not None:
-    gt_key = jnp.where(crowd >= 0, seg_range + jnp.minimum(crowd, c - 1),
-                       jnp.where(crowd == NO_CROWD, gt_key, gt_unlisted_key))
-  # Predicted keys: segments [0, C*div), VOID: C*div.
-  pred_void_key = seg_range
-  pred_key = jnp.where(pred >= 0, jnp.minimum(pred, seg_range - 1), pred_void_key)
-
-  pixels = gt_key.shape[1]
-  padded = -(-pixels // BLOCK) * BLOCK
-  gt_key = jnp.pad(gt_key, ((0, 0), (0, padded - pixels)), constant_values=gt_void_key + 1)
-  pred_key = jnp.pad(pred_key, ((0, 0), (0, padded - pixels)), constant_values=pred_void_key + 1)
-  gb, pb = gt_key.reshape(batch, -1, BLOCK), pred_key.reshape(batch, -1, BLOCK)
-  uniform = jnp.all((gb == gb[:, :, :1]) & (pb == pb[:, :, :1]), axis=2)  # [B, N / BLOCK]
-  num_mixed = jnp.sum(~uniform, axis=1, dtype=jnp.int32)
-  blocks = uniform.shape[1]
-  capacity = min(blocks, max(1, math.ceil(blocks * mixed_fraction)))
-  sizes = dict(gt_size=gt_void_key + 1, pred_size=pred_void_key + 1, max_segments=s)
-  if mixed_fraction >= 1:  # Pixel by pixel: nothing can overflow.
-    joint, gt_keys, pred_keys, num_gt, num_pred = _joint_histogram(gt_key, pred_key, uniform, block=1, capacity=0,
-                                                                   **sizes)
-  else:
-    joint, gt_keys, pred_keys, num_gt, num_pred = _joint_histogram(gt_key, pred_key, uniform, block=BLOCK,
-                                                                   capacity=capacity, **sizes)
+  gt_void_key = seg_range + c + 1
+  # One image at a time: its temporaries stay in cache, and the scatters need no image offsets.
+  histogram = functools.partial(_image_histogram, num_categories=c, key_divisor=div, max_segments=s,
+                                mixed_fraction=mixed_fraction)
+  joint, gt_keys, pred_keys, num_gt, num_pred, mixed, capacity = jax.lax.map(lambda m: histogram(*m),
+                                                                             (gt, pred, crowd))
 
   # Slot attributes [B, S].
   g_is_seg = gt_keys < seg_range
@@ -289,7 +420,7 @@ def _stats(gt, pred, crowd, *, num_categories: int, key_divisor: int, max_segmen
       "match_intersection": jnp.sum(jnp.where(match, joint, 0), axis=2),
       "match_union": jnp.sum(jnp.where(match, union, 0), axis=2),
       "num_gt_slots": num_gt, "num_pred_slots": num_pred,
-      "num_mixed_blocks": num_mixed, "max_mixed_blocks": jnp.full(batch, capacity, jnp.int32),
+      "num_mixed_blocks": mixed, "max_mixed_blocks": capacity,
   }
   if with_confusion:
     g_sem = jnp.where(g_is_seg | g_is_crowd, g_cat, c)  # Row C: excluded (VOID, UNLISTED, padding).
@@ -370,17 +501,18 @@ class PanopticQualityAccumulator:
 
     Raises:
       SegmentOverflowError: an image had more segments than max_segments.
-      MixedBlockOverflowError: an image had more mixed blocks than the compiled mixed_fraction allows.
+      MixedBlockOverflowError: an image had more mixed tiles or rows than the compiled mixed_fraction allows.
     """
     stats = {k: np.asarray(v) for k, v in stats.items()}
     s = stats["match_category"].shape[1]
-    mixed = np.flatnonzero(stats["num_mixed_blocks"] > stats["max_mixed_blocks"])
+    mixed = np.flatnonzero(np.any(stats["num_mixed_blocks"] > stats["max_mixed_blocks"], axis=1))
     if mixed.size:
       i = int(mixed[0])
       who = image_names[i] if image_names is not None else f"batch element {i}"
+      (tiles, rows), (max_tiles, max_rows) = stats["num_mixed_blocks"][i], stats["max_mixed_blocks"][i]
       raise MixedBlockOverflowError(
-          f"{who}: {int(stats['num_mixed_blocks'][i])} blocks of 8 pixels hold more than one GT or predicted value; "
-          f"the metric was compiled for {int(stats['max_mixed_blocks'][i])}: raise mixed_fraction")
+          f"{who}: {tiles} tiles of 8x8 pixels and {rows} rows of 8 pixels hold more than one (GT, predicted) value "
+          f"pair; the metric was compiled for {max_tiles} and {max_rows}: raise mixed_fraction")
     for side in ("gt", "pred"):
       counts = stats[f"num_{side}_slots"]
       bad = np.flatnonzero(counts > s)

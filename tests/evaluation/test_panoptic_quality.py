@@ -150,10 +150,16 @@ def _stats(gt, pred, crowd=None, c=3, div=100, s=16):
           None if crowd is None else np.asarray(crowd, np.int32)[None])
   by_pixel, by_block = (jax.device_get(panoptic_stats(*args, num_categories=c, label_divisor=div, max_segments=s,
                                                       mixed_fraction=f, with_confusion=True)) for f in (1.0, 0.99))
-  for key in by_pixel:
-    if key != "max_mixed_blocks":
-      np.testing.assert_array_equal(by_pixel[key], by_block[key], err_msg=key)
+  _assert_same_counts(by_pixel, by_block)
   return by_pixel
+
+
+def _assert_same_counts(by_pixel, by_block):
+  """Equal outputs, but for the mixed tile / row counts (the pixel path has none)."""
+  assert np.all(by_block["num_mixed_blocks"] <= by_block["max_mixed_blocks"])
+  for key in by_pixel:
+    if key not in ("num_mixed_blocks", "max_mixed_blocks"):
+      np.testing.assert_array_equal(by_pixel[key], by_block[key], err_msg=key)
 
 
 def _region_maps(rng, b, h, w, c, div):
@@ -173,18 +179,15 @@ def _region_maps(rng, b, h, w, c, div):
   return gt, pred, crowd
 
 
-@pytest.mark.parametrize("h,w", [(37, 53), (48, 64)])
+@pytest.mark.parametrize("h,w", [(61, 83), (48, 64)])  # 61x83: padded to whole tiles.
 def test_block_counting_equals_pixel_counting(h, w):
   rng = np.random.default_rng(h)
   gt, pred, crowd = _region_maps(rng, 4, h, w, c=5, div=10)
   outs = {f: jax.device_get(panoptic_stats(gt, pred, crowd, num_categories=5, label_divisor=10, max_segments=64,
-                                           with_confusion=True, mixed_fraction=f)) for f in (1.0, 0.9)}
-  assert np.all(outs[0.9]["num_mixed_blocks"] <= outs[0.9]["max_mixed_blocks"])
-  assert np.all(outs[0.9]["num_mixed_blocks"] > 0) and outs[1.0]["tp"].sum() > 0
-  for key in outs[1.0]:
-    if key != "max_mixed_blocks":
-      np.testing.assert_array_equal(outs[1.0][key], outs[0.9][key], err_msg=key)
-  # Too little room for mixed blocks: the accumulator refuses the batch, the Evaluator grows mixed_fraction.
+                                           with_confusion=True, mixed_fraction=f)) for f in (1.0, 0.99)}
+  assert np.all(outs[0.99]["num_mixed_blocks"] > 0) and outs[1.0]["tp"].sum() > 0  # Mixed tiles and rows.
+  _assert_same_counts(outs[1.0], outs[0.99])
+  # Too little room for mixed tiles: the accumulator refuses the batch, the Evaluator grows mixed_fraction.
   few = panoptic_stats(gt, pred, crowd, num_categories=5, label_divisor=10, max_segments=64, mixed_fraction=0.2)
   with pytest.raises(MixedBlockOverflowError, match="raise mixed_fraction"):
     PanopticQualityAccumulator([f"c{k}" for k in range(5)], [True] * 5).update(few)
@@ -195,6 +198,54 @@ def test_block_counting_equals_pixel_counting(h, w):
   result = ev.result()
   assert ev.mixed_fraction > 0.2
   assert [result["panoptic"]["per_category"][f"c{k}"]["tp"] for k in range(5)] == outs[1.0]["tp"].tolist()
+
+
+def _crafted_maps():
+  """16x24 maps (2x3 tiles of 8x8) that reach every counting level: uniform tiles, a mixed tile of uniform rows,
+  mixed rows, lone pixels, a crowd tile. Labels: category * 100 + instance."""
+  gt = np.full((16, 24), -1)
+  gt[:8, :16] = 101
+  gt[4:8, 8:16] = 102  # Tile (0, 1): a horizontal edge, its rows stay uniform.
+  gt[:8, 16:20], gt[:8, 20:24] = 201, 202  # Tile (0, 2): a vertical edge, 8 mixed rows.
+  gt[9, 3], gt[11, 5] = 5, 6  # Tile (1, 0): two one-pixel segments, 2 mixed rows.
+  crowd = np.full_like(gt, NO_CROWD)
+  crowd[8:, 16:] = 2  # Tile (1, 2): a crowd region of category 2.
+  pred = np.where((gt == 5) | (gt == 6), -1, gt)
+  pred[8:, 16:] = 203  # Lies in the crowd of its category: forgiven.
+  return gt, pred, crowd
+
+
+def test_every_counting_level_and_row_overflow():
+  gt, pred, crowd = (x[None].astype(np.int32) for x in _crafted_maps())
+  kw = dict(num_categories=3, label_divisor=100, max_segments=16, with_confusion=True)
+  by_pixel, by_block = (jax.device_get(panoptic_stats(gt, pred, crowd, mixed_fraction=f, **kw)) for f in (1.0, 0.5))
+  assert by_block["num_mixed_blocks"].tolist() == [[3, 10]]  # Tiles (0, 1), (0, 2), (1, 0); 8 + 2 rows.
+  _assert_same_counts(by_pixel, by_block)
+  r = _result(by_block)["per_category"]
+  assert [(r[f"c{k}"]["tp"], r[f"c{k}"]["fp"], r[f"c{k}"]["fn"]) for k in range(3)] == [(0, 0, 2), (2, 0, 0),
+                                                                                          (2, 0, 0)]
+  assert r["c1"]["iou_sum"] == r["c2"]["iou_sum"] == 2.0
+  # Room for the 3 mixed tiles but only 9 mixed rows.
+  few = jax.device_get(panoptic_stats(gt, pred, crowd, mixed_fraction=0.34, **kw))
+  assert few["max_mixed_blocks"].tolist() == [[3, 9]]
+  with pytest.raises(MixedBlockOverflowError, match="3 tiles of 8x8 pixels and 10 rows of 8 pixels"):
+    _result(few)
+
+
+def test_keys_at_bitmask_word_boundaries():
+  # Keys 0, 31 | 32, 63 | 64, 95 (label divisor 32): first and last bits of the presence words; GT == prediction.
+  values = np.array([0, 31, 32, 63, 64, 95])
+  gt = np.tile(np.repeat(values, [5, 9, 8, 11, 7, 8])[:, None], (1, 16))  # Bands across tiles.
+  gt[20:22, 3:6] = 64  # Mixed rows.
+  for f in (1.0, 0.99):
+    stats = jax.device_get(panoptic_stats(gt[None], gt[None], num_categories=3, label_divisor=32, max_segments=8,
+                                          mixed_fraction=f))
+    assert np.all(stats["num_mixed_blocks"] <= stats["max_mixed_blocks"])
+    assert stats["tp"].tolist() == [2, 2, 2] and stats["fp"].sum() == stats["fn"].sum() == 0
+    assert stats["num_gt_slots"].tolist() == stats["num_pred_slots"].tolist() == [6]
+    areas = sorted(int((gt == v).sum()) for v in values)
+    assert sorted(stats["match_intersection"][0][:6].tolist()) == areas
+    assert np.array_equal(stats["match_intersection"], stats["match_union"])
 
 
 def _result(stats, c=3):
