@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (1025, 2049)
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0
-  config.input.resize_to_crop = False
+  config.input.resize_to_crop = False  # Images are scaled only by the random scale; eval pads 1024x2048.
   config.input.num_workers = 8
 
   config.loss = ml_collections.ConfigDict()

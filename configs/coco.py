@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (1281, 1281)
   config.input.min_scale = 0.3
   config.input.max_scale = 1.7
-  config.input.resize_to_crop = True  # COCO recipe: the long side is resized to the crop first.
+  config.input.resize_to_crop = True  # COCO recipe: the long side is resized to the crop (train and eval).
   config.input.num_workers = 8
 
   config.loss = ml_collections.ConfigDict()

@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (641, 641)  # EDIT: output_stride * k + 1; the long image side is a good start.
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0
-  config.input.resize_to_crop = True  # Resize the long side to the crop before the random scale.
+  config.input.resize_to_crop = True  # Long side to the crop (train: before the random scale); False: pad only.
   config.input.num_workers = 8  # Worker processes decoding and augmenting; about the number of host cores.
 
   config.loss = ml_collections.ConfigDict()

@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.crop_size = (129, 257)
   config.input.min_scale = 0.75
   config.input.max_scale = 1.25
-  config.input.resize_to_crop = False
+  config.input.resize_to_crop = False  # Eval pads the 128x256 images into the crop, no resampling.
   config.input.num_workers = 0  # Read in threads of the main process: 2 cores are busy with the model.
 
   config.loss = ml_collections.ConfigDict()

@@ -51,8 +51,9 @@ PRESETS: dict[str, PostprocessConfig] = {
     "coco": PostprocessConfig(0.7, 0.5, 0.8, 1.0, 1.0, 0.4, 400, 6400),
     "cityscapes": PostprocessConfig(0.5, 0.3, 0.9, 1.0, 0.0, 0.4, 256, 2048),
     "ade20k": PostprocessConfig(0.4, 0.4, 0.8, 1.0, 1.0, 0.4, 0, 0),
-    # The demo's 128x256 synthetic scenes: COCO's thresholds, area limits scaled to images ~10x smaller.
-    "synthetic": PostprocessConfig(0.7, 0.5, 0.8, 1.0, 1.0, 0.4, 32, 256),
+    # The demo's 128x256 synthetic scenes: COCO's thresholds; area limits below the smallest labelled segments
+    # (COCO's would remove real ones).
+    "synthetic": PostprocessConfig(0.7, 0.5, 0.8, 1.0, 1.0, 0.4, 16, 64),
 }
 
 

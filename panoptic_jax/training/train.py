@@ -154,7 +154,7 @@ def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXC
   return pipeline.PipelineConfig(
       batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size, augment=augment,
       num_mask_slots=arch.num_slots, output_stride=arch.output_stride, seed=config.seed,
-      num_workers=config.input.num_workers)
+      num_workers=config.input.num_workers, eval_resize=config.input.resize_to_crop)
 
 
 def _check_finite(history: list[tuple[int, dict]]) -> None:
