@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from panoptic_jax.evaluation import instance as instance_lib
 from panoptic_jax.evaluation import semantic as semantic_lib
 from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
-from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator,
+from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator, aligned_full,
                                                       panoptic_stats)
 
 MAX_SEGMENTS_LIMIT = 2048
@@ -88,6 +88,8 @@ class Evaluator:
                             f"{'x'.join(map(str, pred.shape))}; they must have the same size")
     if gt_crowd is not None and gt_crowd.shape != gt.shape:
       raise EvaluationError(f"{name}: crowd map shape {gt_crowd.shape} differs from the GT map {gt.shape}")
+    if gt_crowd is not None and np.all(gt_crowd == NO_CROWD):
+      gt_crowd = None  # A batch without crowd maps skips reading one (panoptic_stats with gt_crowd=None).
     c = len(self.names)
     for side, m in (("ground truth", gt), ("prediction", pred)):
       if m.size and (m.min() < VOID or m.max() >= c * self.label_divisor):
@@ -112,9 +114,10 @@ class Evaluator:
     h = _round_up(max(i[1].shape[0] for i in items), self.pad_multiple)
     w = _round_up(max(i[1].shape[1] for i in items), self.pad_multiple)
     b = self.batch_size
-    gt = np.full((b, h, w), VOID, np.int32)
-    pred = np.full((b, h, w), VOID, np.int32)
-    crowd = np.full((b, h, w), NO_CROWD, np.int32)
+    # Aligned: device_put aliases them instead of copying (a copy costs more than the statistics).
+    gt = aligned_full((b, h, w), VOID)
+    pred = aligned_full((b, h, w), VOID)
+    crowd = None if all(i[3] is None for i in items) else aligned_full((b, h, w), NO_CROWD)
     for k, (_, g, p, cr) in enumerate(items):
       gt[k, :g.shape[0], :g.shape[1]] = g
       pred[k, :p.shape[0], :p.shape[1]] = p
@@ -123,7 +126,7 @@ class Evaluator:
     names = [i[0] for i in items] + [f"padding {k}" for k in range(b - len(items))]
     valid = np.arange(b) < len(items)
     if self._sharding is not None:
-      gt, pred, crowd = (jax.device_put(x, self._sharding) for x in (gt, pred, crowd))
+      gt, pred, crowd = jax.device_put((gt, pred, crowd), self._sharding)
     while True:
       stats = panoptic_stats(gt, pred, crowd, num_categories=len(self.names), label_divisor=self.label_divisor,
                              max_segments=self.max_segments, with_confusion=True,

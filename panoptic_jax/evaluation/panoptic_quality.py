@@ -35,6 +35,10 @@ Outputs are integers with static shapes: per-category `tp`, `fp`, `fn` summed ov
 the batch sharded over a mesh they are the global sums) and, per image and GT slot, the matched pair's category,
 intersection and union, from which the host computes IoUs in float64 (`PanopticQualityAccumulator`), which is what
 makes `iou_sum` equal to panopticapi's to ~1e-15.
+
+Host maps: `jax.device_put` of a numpy array copies it unless its data starts on a 64-byte boundary, in which case
+JAX's CPU client aliases it (per shard too when the shards are aligned). numpy aligns to 16 bytes only, and the copy
+costs more than the statistics (~0.4 ms per 480x640 int32 map), so build host batches with `aligned_full`.
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ VOID = -1
 UNLISTED = -2
 NO_CROWD = -1
 
-__all__ = ["VOID", "UNLISTED", "NO_CROWD", "panoptic_stats", "PanopticQualityAccumulator", "pq_from_counts",
-           "SegmentOverflowError", "MixedBlockOverflowError"]
+__all__ = ["VOID", "UNLISTED", "NO_CROWD", "aligned_full", "panoptic_stats", "PanopticQualityAccumulator",
+           "pq_from_counts", "SegmentOverflowError", "MixedBlockOverflowError"]
 
+
+# Byte alignment at which jax.device_put on CPU aliases a numpy array instead of copying it.
+HOST_ALIGNMENT = 64
 
 # Pixels are counted in TILE x TILE tiles, then rows of TILE pixels, then pixels; see `_block_entries`.
 TILE = 8
@@ -65,6 +72,20 @@ ROW_SHARE = 0.5
 # Key pair markers of `_merge_groups` (keys are >= 0).
 MIXED = -1
 INIT = -2
+
+
+def aligned_full(shape: Sequence[int], fill_value: int, dtype: np.dtype = np.int32) -> np.ndarray:
+  """np.full(shape, fill_value, dtype) with its data on a HOST_ALIGNMENT-byte boundary (see the module docstring).
+
+  `jax.device_put` on CPU then shares the memory instead of copying it: do not write to the array after that.
+  """
+  dtype = np.dtype(dtype)
+  size = math.prod(shape) * dtype.itemsize
+  raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % HOST_ALIGNMENT
+  out = raw[start:start + size].view(dtype).reshape(shape)
+  out.fill(fill_value)
+  return out
 
 
 class SegmentOverflowError(ValueError):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from panoptic_jax.evaluation import evaluator as evaluator_lib
-from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, UNLISTED, MixedBlockOverflowError,
-                                                      PanopticQualityAccumulator, SegmentOverflowError,
+from panoptic_jax.evaluation.panoptic_quality import (HOST_ALIGNMENT, NO_CROWD, UNLISTED, MixedBlockOverflowError,
+                                                      PanopticQualityAccumulator, SegmentOverflowError, aligned_full,
                                                       panoptic_stats)
 
 from . import coco_cases
@@ -198,6 +198,33 @@ def test_block_counting_equals_pixel_counting(h, w):
   result = ev.result()
   assert ev.mixed_fraction > 0.2
   assert [result["panoptic"]["per_category"][f"c{k}"]["tp"] for k in range(5)] == outs[1.0]["tp"].tolist()
+
+
+def test_no_crowd_map_equals_an_empty_one_and_the_evaluator_drops_empty_ones():
+  rng = np.random.default_rng(3)
+  gt, pred, crowd = _region_maps(rng, 4, 48, 64, c=5, div=10)
+  crowd[2:] = NO_CROWD
+  kw = dict(num_categories=5, label_divisor=10, max_segments=64, with_confusion=True)
+  general = jax.device_get(panoptic_stats(gt[2:], pred[2:], crowd[2:], **kw))
+  crowd_free = jax.device_get(panoptic_stats(gt[2:], pred[2:], None, **kw))
+  for key in general:
+    np.testing.assert_array_equal(general[key], crowd_free[key], err_msg=key)
+  # Batches of 2: the first has a crowd map, the second none (an empty map is dropped, the other was not given).
+  ev = evaluator_lib.Evaluator([f"c{k}" for k in range(5)], [True] * 5, 10, batch_size=2, max_segments=64)
+  for k, cr in enumerate([crowd[0], crowd[1], crowd[2], None]):
+    ev.add(gt[k], pred[k], gt_crowd=cr)
+  assert ev._pending == [] and ev.pq.num_images == 4
+  reference = jax.device_get(panoptic_stats(gt, pred, crowd, **kw, mixed_fraction=1.0))
+  result = ev.result()["panoptic"]["per_category"]
+  for key in ("tp", "fp", "fn"):
+    assert [result[f"c{k}"][key] for k in range(5)] == reference[key].tolist(), key
+
+
+def test_aligned_host_maps_are_not_copied_by_device_put():
+  maps = aligned_full((3, 48, 64), -1)
+  assert maps.dtype == np.int32 and maps.ctypes.data % HOST_ALIGNMENT == 0 and np.all(maps == -1)
+  # JAX's CPU client aliases aligned numpy memory: the reason the Evaluator builds its batches this way.
+  assert jax.device_put(maps, jax.local_devices()[0]).unsafe_buffer_pointer() == maps.ctypes.data
 
 
 def _crafted_maps():
