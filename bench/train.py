@@ -3,6 +3,7 @@
     python bench/train.py                          # both parts, kmax_r50_coco, configs/coco.py's recipe
     python bench/train.py --parts throughput --steps 3
     python bench/train.py --parts memory --per_device 8 16 --variants plain remat bf16 remat+bf16
+    python bench/train.py --parts breakdown        # GFLOP per part, forward and backward (compile only, ~2 min)
     python bench/train.py --preset kmax_tiny --size 129 --memory_size 257 --per_device 2 --steps 2   # quick check
 
 Everything goes through `panoptic_jax.training.train`: `create_state` (state initialised in its shardings),
@@ -22,6 +23,12 @@ run; arguments are ShapeDtypeStructs (state and batch), so nothing of batch size
 variant (plain, remat, bf16, remat+bf16): memory_analysis() per device (arguments + outputs - aliased + temp) and the
 compile time. This is the figure DeepLab2 users could not fit (deeplab2 #168: 32 images per A100-80GB).
 CPU buffer assignment differs from a GPU's (fusion, no cuDNN workspaces): treat CPU figures as estimates.
+
+Part 3, breakdown: where the train step's FLOPs go. Each part of the step (backbone, pixel decoder, kMaX decoder with
+its 6 auxiliary predictors and their resizing, auxiliary semantic head, all losses with the matching) is compiled on
+its own at `--size` and global batch `--batch` with abstract arguments (nothing runs): GFLOP of its forward and of its
+forward + backward (gradients of its parameters and of its inputs, as the step needs them; not of the image), next
+to the whole step. The parts add up to the step up to the optimizer update and fusion across part boundaries.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -224,6 +233,77 @@ def memory_table(results: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Part 3: GFLOP per part (compile only)
+
+
+def part_gflop(module: nnx.Module, fn, inputs: Any, input_grads: bool = True) -> tuple[float, float]:
+  """(forward, forward + backward) GFLOP of `fn(module, inputs)` in train mode, from XLA's cost analysis.
+
+  The backward takes the gradients of the module's parameters and, with `input_grads`, of `inputs` (what
+  backpropagation through the rest of the step needs), for a cotangent shaped like the output.
+  """
+  graph, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def forward(p, r, x):
+    return fn(nnx.merge(graph, p, r, copy=True), x)
+
+  def backward(p, r, x, cotangent):
+    grads = jax.vjp(lambda p, x: forward(p, r, x), p, x)[1](cotangent)
+    return grads if input_grads else grads[0]
+
+  out = jax.eval_shape(forward, params, rest, inputs)
+  gflop = lambda f, *a: common.compiled_gflop(jax.jit(f).lower(*a).compile())
+  return gflop(forward, params, rest, inputs), gflop(backward, params, rest, inputs, out)
+
+
+def bench_breakdown(base: ml_collections.ConfigDict, args: argparse.Namespace) -> list[dict[str, Any]]:
+  """GFLOP of each part of the train step and of the whole step at --size, global batch --batch."""
+  model = kmax_deeplab.abstract_model(args.preset, args.num_classes)
+  model.train()
+  graph, state = nnx.split(model)
+  image = jax.ShapeDtypeStruct((args.batch, args.size, args.size, 3), jnp.float32)
+  feats = jax.eval_shape(lambda s, x: nnx.merge(graph, s).backbone(x), state, image)
+  panoptic, multi_scale = jax.eval_shape(lambda s, f: nnx.merge(graph, s).pixel_decoder(f), state, feats)
+  outputs = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state, image)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype)
+           in batch_spec(args.batch, args.size, model.cfg).items()}
+  loss_config = losses.LossConfig.from_config(base.loss)
+  loss_fn = lambda o, b: losses.kmax_losses(o, b, loss_config, jax.random.key(0))[0]
+  parts = [("backbone", model.backbone, lambda m, x: m(x), image, False),
+           ("pixel decoder", model.pixel_decoder, lambda m, f: m(f), feats, True),
+           ("kMaX decoder + 6 aux predictors + heads", model.transformer_decoder, lambda m, a: m(*a),
+            (multi_scale, panoptic), True)]
+  if model.semantic_head is not None:
+    parts.append(("auxiliary semantic head", model.semantic_head, lambda m, f: m(f), feats, True))
+  results = []
+  for name, module, fn, inputs, input_grads in parts:
+    forward, total = part_gflop(module, fn, inputs, input_grads)
+    results.append({"part": name, "forward": forward, "forward_backward": total})
+    print(json.dumps(results[-1]), flush=True)
+  gflop = lambda f, *a: common.compiled_gflop(jax.jit(f).lower(*a).compile())
+  results.append({"part": "losses + matching (7 outputs)", "forward": gflop(loss_fn, outputs, batch),
+                  "forward_backward": gflop(jax.grad(loss_fn), outputs, batch)})
+  mesh = sharding.make_mesh(base.mesh.data, base.mesh.fsdp)
+  step_fn, model_def, step_state, _ = make_step(recipe(base, args.preset, args.size, args.batch, "plain"),
+                                                args.num_classes, mesh)
+  compiled = sharding.compile_together(step_fn, abstract_state(step_state), abstract_batch(
+      batch_spec(args.batch, args.size, model_def.arch), mesh), jax.random.key(0), name="bench_breakdown")
+  results.append({"part": "whole train step (with the optimizer)", "forward": float("nan"),
+                  "forward_backward": common.compiled_gflop(compiled)})
+  return results
+
+
+def breakdown_table(results: list[dict]) -> str:
+  columns = ["part", "forward GFLOP", "backward GFLOP", "forward + backward GFLOP", "backward / forward"]
+  rows = []
+  for r in results:
+    f, fb = r["forward"], r["forward_backward"]
+    rows.append([r["part"], "-" if np.isnan(f) else f"{f:.1f}", "-" if np.isnan(f) else f"{fb - f:.1f}",
+                 f"{fb:.1f}", "-" if np.isnan(f) else f"{fb / f:.2f}"])
+  return common.markdown_table(columns, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--config", default=str(REPO / "configs" / "coco.py"), help="config file (get_config())")
   p.add_argument("--preset", default=None, help="model preset (default: the config's)")
   p.add_argument("--num_classes", type=int, default=None, help="default: the preset's dataset (COCO 133)")
-  p.add_argument("--parts", nargs="+", choices=("throughput", "memory"), default=["throughput", "memory"])
-  p.add_argument("--size", type=int, default=641, help="part 1 crop size (square)")
-  p.add_argument("--batch", type=int, default=2, help="part 1 global batch")
+  p.add_argument("--parts", nargs="+", choices=("throughput", "memory", "breakdown"),
+                 default=["throughput", "memory"])
+  p.add_argument("--size", type=int, default=641, help="part 1 and 3 crop size (square)")
+  p.add_argument("--batch", type=int, default=2, help="part 1 and 3 global batch")
   p.add_argument("--steps", type=int, default=2, help="part 1 timed steps after the warm-up step")
   p.add_argument("--render_size", type=int, default=640, help="side of the synthetic images (even)")
   p.add_argument("--throughput_variants", nargs="+", choices=tuple(VARIANTS), default=["plain"])
@@ -262,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                          "(compiled, not run)")
     results["memory"] = bench_memory(base, args)
     print(f"\n{head}\n{memory_table(results['memory'])}\n", flush=True)
+  if "breakdown" in args.parts:
+    head = common.header(f"Train step GFLOP per part, {args.preset}, {args.size}x{args.size}, global batch "
+                         f"{args.batch} (compiled, not run)")
+    results["breakdown"] = bench_breakdown(base, args)
+    print(f"\n{head}\n{breakdown_table(results['breakdown'])}\n", flush=True)
   results["load_average_end"] = common.load_average()
   print(f"load average (1 min) at the end: {results['load_average_end']:.2f}; process peak RSS "
         f"{common.peak_rss_gb():.2f} GB", flush=True)

@@ -121,17 +121,106 @@ def dense(in_features: int, out_features: int, *, use_bias: bool = False, kernel
       rngs=rngs)
 
 
+def _shifted_sum(x: jax.Array, kernel: jax.Array, padding: tuple, dilation: tuple[int, int]) -> jax.Array:
+  """`sum_ij pad(x)[:, i*dh + h, j*dw + w] * kernel[i, j]` for `x [B, H, W, C]`, `kernel [kh, kw, C]`, in float32.
+
+  `padding` is `((top, bottom), (left, right))`, negative values crop. Products and sums are float32 (a
+  convolution's accumulator) also for bfloat16 inputs; XLA fuses the casts, slices and products into one loop.
+  """
+  kh, kw = kernel.shape[:2]
+  dh, dw = dilation
+  x = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  kernel = kernel.astype(jnp.float32)
+  out_h, out_w = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
+  acc = jnp.zeros(x.shape[:1] + (out_h, out_w, x.shape[3]), jnp.float32)
+  for i in range(kh):
+    for j in range(kw):
+      acc = acc + x[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w] * kernel[i, j]
+  return acc
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: jax.Array, kernel: jax.Array, padding: tuple, dilation: tuple[int, int]) -> jax.Array:
+  return _shifted_sum(x, kernel, padding, dilation).astype(jnp.result_type(x, kernel))
+
+
+def _depthwise_fwd(x, kernel, padding, dilation):
+  return _depthwise(x, kernel, padding, dilation), (x, kernel)
+
+
+def _depthwise_bwd(padding, dilation, residuals, grad):
+  """Both gradients as shifts: the input's is the same sum over the flipped kernel (transposed padding), the
+  kernel's one per-channel reduction per tap. Written out because XLA's derivative of the shifted sum adds the 25
+  padded terms in a transposed layout (about 5x slower than the forward on CPU)."""
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  dh, dw = dilation
+  span_h, span_w = dh * (kh - 1), dw * (kw - 1)
+  grad_padding = ((span_h - padding[0][0], span_h - padding[0][1]), (span_w - padding[1][0], span_w - padding[1][1]))
+  dx = _shifted_sum(grad, kernel[::-1, ::-1], grad_padding, dilation)
+  xp = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  g = grad.astype(jnp.float32)
+  out_h, out_w = g.shape[1:3]
+  dk = jnp.stack([jnp.sum(xp[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w] * g, axis=(0, 1, 2))
+                  for i in range(kh) for j in range(kw)]).reshape(kernel.shape)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                                   lhs_dilation: Sequence[int] | None = None,
+                                   rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
+                                   feature_group_count: int = 1, precision: Any = None, **kwargs) -> jax.Array:
+  """A stride-1 depthwise convolution as a sum of shifted, per-channel-scaled inputs (same math as the lax call).
+
+  Drop-in for `lax.conv_general_dilated` in `nnx.Conv` (`conv_general_dilated=`), for `lhs [B, H, W, C]` and
+  `rhs [kh, kw, 1, C]` with `feature_group_count == C`. Why: XLA:CPU lowers the kernel gradient of a grouped
+  convolution (a `batch_group_count` convolution) to a dense `[C, kh, kw, C]` convolution and keeps its diagonal,
+  C times the work (a 5x5 depthwise conv on 256 channels at stride 4 took ~20 s of a train step), and runs the
+  forward grouped convolution ~5x slower than this sum. GPU and TPU compilers lower grouped-convolution gradients
+  natively (cuDNN, the TPU convolution unit), so `conv` only uses this on CPU.
+
+  Args:
+    lhs: `[B, H, W, C]` input.
+    rhs: `[kh, kw, 1, C]` depthwise kernel.
+    window_strides: must be all 1.
+    padding: explicit `((top, bottom), (left, right))` padding.
+    lhs_dilation: must be None or all 1.
+    rhs_dilation: kernel dilation (atrous rate) per spatial axis.
+    dimension_numbers, precision, kwargs: accepted for signature compatibility; the layout is NHWC / HWIO.
+    feature_group_count: must equal C.
+
+  Returns:
+    `[B, H', W', C]` with `H' = H + top + bottom - dilation * (kh - 1)`, in the inputs' dtype.
+  """
+  del dimension_numbers, precision, kwargs
+  kh, kw, one, channels = rhs.shape
+  if (one != 1 or feature_group_count != channels or lhs.shape[-1] != channels or tuple(window_strides) != (1, 1)
+      or (lhs_dilation is not None and tuple(lhs_dilation) != (1, 1)) or isinstance(padding, str)):
+    raise ValueError(f"depthwise_conv_general_dilated: expected a stride-1 depthwise NHWC convolution with explicit "
+                     f"padding, found input {lhs.shape}, kernel {rhs.shape}, groups {feature_group_count}, strides "
+                     f"{window_strides}, padding {padding}, lhs_dilation {lhs_dilation}")
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+  return _depthwise(lhs, rhs[:, :, 0], padding, dilation)
+
+
 def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1, padding: Any = None,
          dilation: int = 1, groups: int = 1, use_bias: bool = False, kernel_init: nnx.Initializer | None = None,
          dtype: Dtype = None, rngs: nnx.Rngs) -> nnx.Conv:
   """A k x k convolution, channels-last. Default padding is symmetric `dilation * (k - 1) / 2` (PyTorch style),
-  which gives `(H - 1) // stride + 1` outputs for the odd `stride * n + 1` sizes that kMaX uses."""
+  which gives `(H - 1) // stride + 1` outputs for the odd `stride * n + 1` sizes that kMaX uses. Stride-1 depthwise
+  convolutions run as `depthwise_conv_general_dilated` on CPU (see there why); parameters are the same either way."""
   if padding is None:
     p = dilation * (kernel_size - 1) // 2
     padding = ((p, p), (p, p))
+  depthwise = groups == in_features == out_features > 1 and stride == 1 and jax.default_backend() == "cpu"
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
       kernel_dilation=dilation, feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+      conv_general_dilated=depthwise_conv_general_dilated if depthwise else jax.lax.conv_general_dilated,
       kernel_init=nnx.with_partitioning(kernel_init or he_normal(),
                                         (ax.CONV_H, ax.CONV_W, ax.CONV_IN, ax.CONV_OUT)),
       bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (ax.CONV_OUT,)),
@@ -215,22 +304,44 @@ def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarr
   return m
 
 
-def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool | None = None) -> jax.Array:
-  """Bilinear resize of `[B, H, W, C]` to `[B, h, w, C]` as two small matmuls (no gathers; exports cleanly).
+def _upsample_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
+  """Align-corners bilinear upsampling along `axis` by the integer factor r = (out - 1) / (in - 1): output
+  `r * k + t` is `x[k] + (t / r) (x[k + 1] - x[k])`. Elementwise (2 multiply-adds per output) where the
+  interpolation-matrix product costs 2 * in per output (81 -> 161 at stride 4: 40x the work)."""
+  n = x.shape[axis]
+  r = (out_size - 1) // (n - 1)
+  lo = jax.lax.slice_in_dim(x, 0, n - 1, axis=axis)
+  hi = jax.lax.slice_in_dim(x, 1, n, axis=axis)
+  frac = jnp.arange(r, dtype=jnp.float32) / r
+  frac = frac.reshape((r,) + (1,) * (x.ndim - axis - 1)).astype(x.dtype)
+  steps = jnp.expand_dims(lo, axis + 1) * (1 - frac) + jnp.expand_dims(hi, axis + 1) * frac  # [.., n-1, r, ..]
+  steps = steps.reshape(x.shape[:axis] + ((n - 1) * r,) + x.shape[axis + 1:])
+  return jnp.concatenate([steps, jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
 
+
+def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool) -> jax.Array:
+  """Bilinear resize of one spatial axis (1 or 2) of `[B, H, W, C]`."""
+  n = x.shape[axis]
+  if n == out_size:
+    return x
+  if align_corners and n > 1 and (out_size - 1) % (n - 1) == 0:
+    return _upsample_align_corners(x, axis, out_size)
+  m = jnp.asarray(_interp_matrix(n, out_size, align_corners), x.dtype)
+  return jnp.einsum("oh,bhwc->bowc", m, x) if axis == 1 else jnp.einsum("pw,bowc->bopc", m, x)
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool | None = None) -> jax.Array:
+  """Bilinear resize of `[B, H, W, C]` to `[B, h, w, C]`, one axis at a time (no gathers; exports cleanly).
+
+  Integer-factor align-corners upsampling (every kMaX resize: stride 32/16/8 -> 4 on `stride * k + 1` crops) is
+  two slices and a multiply-add per axis; other sizes use a product with the `[out, in]` interpolation matrix.
   `align_corners=None` picks kMaX's rule: align corners when the *input* size is odd (the `stride * k + 1`
   crops), which makes stride-s features land exactly on the full-resolution grid.
   """
-  h_in, w_in = x.shape[1], x.shape[2]
   h, w = int(size[0]), int(size[1])
-  if (h_in, w_in) == (h, w):
-    return x
   if align_corners is None:
-    align_corners = (w_in % 2 == 1)
-  mh = jnp.asarray(_interp_matrix(h_in, h, align_corners), x.dtype)
-  mw = jnp.asarray(_interp_matrix(w_in, w, align_corners), x.dtype)
-  x = jnp.einsum("oh,bhwc->bowc", mh, x)
-  return jnp.einsum("pw,bowc->bopc", mw, x)
+    align_corners = (x.shape[2] % 2 == 1)
+  return _resize_axis(_resize_axis(x, 1, h, align_corners), 2, w, align_corners)
 
 
 def maybe_remat(module: nnx.Module, enabled: bool, *args):

@@ -222,7 +222,13 @@ def mask_id_loss(mask_logits: jax.Array, targets: MatchTargets) -> jax.Array:
 def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets, rng: jax.Array,
                                  sample_k: int = 4096, sample_temperature: float = 1.5,
                                  similarity_temperature: float = 0.3) -> jax.Array:
-  """Pixel-wise instance discrimination on Gumbel-top-k sampled pixels (small masks sampled more often)."""
+  """Pixel-wise instance discrimination on Gumbel-top-k sampled pixels (small masks sampled more often).
+
+  Per sampled pixel k (non-void), with similarities `s_kj = f_k . f_j / T` and target `t_kj = [id_j == id_k] / n_k`
+  (n_k sampled pixels share k's mask): `CE_k = logsumexp_j s_kj - sum_j t_kj s_kj`, and the second term is
+  `f_k . (sum of the sampled features of k's mask) / (T n_k)`. So only the log-sum-exp needs the `[K, K]`
+  similarities; the target matrix is never built (same value as the dense soft-target cross-entropy).
+  """
   b, h, w, d = pixel_feature.shape
   p = h * w
   gt_masks = targets.gt_masks
@@ -234,7 +240,7 @@ def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets
   pixel_area = jnp.einsum("bpm,bm->bp", gt_masks, area)
   logits = jnp.log(p / jnp.maximum(pixel_area, 1.0)) * sample_temperature
   logits = logits + (1.0 - targets.pixel_non_void) * _SOFTMAX_MASKING
-  # GT masks do not overlap, so the target affinity is "same mask id" (no [K, M] x [M, K] product).
+  # GT masks do not overlap, so the target affinity is "same mask id".
   mask_id = jnp.where(jnp.sum(gt_masks, axis=-1) > 0, jnp.argmax(gt_masks, axis=-1), -1)  # [B, P]
   if sample_k >= p:
     # Every pixel is taken: the loss does not depend on the order of the samples, so skip top-k and gathers.
@@ -244,10 +250,13 @@ def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(logits + gumbel), sample_k)  # [B, K]
     ids = jnp.take_along_axis(mask_id, idx, axis=1)  # [B, K]
     feat = jnp.take_along_axis(feature, idx[..., None], axis=1)  # [B, K, D]
-  gt_sim = ((ids[:, :, None] == ids[:, None, :]) & (ids[:, :, None] >= 0)).astype(jnp.float32)
-  gt_sim = gt_sim / jnp.maximum(jnp.sum(gt_sim, axis=-1, keepdims=True), 1.0)
-  pred_sim = jnp.einsum("bkd,bjd->bkj", feat, feat) / similarity_temperature
-  return _per_image_mean(_softmax_ce(pred_sim, gt_sim), targets.image_weight)
+  member = jax.nn.one_hot(ids, gt_masks.shape[-1], dtype=jnp.float32)  # [B, K, M]; void pixels -> zeros.
+  mask_sum = jnp.einsum("bkm,bkd->bmd", member, feat)  # [B, M, D] sampled features summed per mask.
+  same = jnp.einsum("bkd,bkm,bmd->bk", feat, member, mask_sum)  # sum_j [id_j == id_k] f_k . f_j
+  count = jnp.einsum("bkm,bm->bk", member, jnp.sum(member, axis=1))  # n_k (0 for void pixels)
+  log_norm = jax.nn.logsumexp(jnp.einsum("bkd,bjd->bkj", feat, feat) / similarity_temperature, axis=-1)
+  ce = jnp.where(count > 0, log_norm - same / (similarity_temperature * jnp.maximum(count, 1.0)), 0.0)
+  return _per_image_mean(ce, targets.image_weight)
 
 
 def semantic_loss(semantic_logits: jax.Array, semantic: jax.Array, topk: float = 1.0,

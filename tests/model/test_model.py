@@ -64,6 +64,40 @@ def test_resize_align_corners_and_half_pixel():
   np.testing.assert_allclose(np.asarray(y), np.asarray(jax.image.resize(x, (2, 12, 16, 3), "bilinear")), atol=1e-5)
 
 
+@pytest.mark.parametrize("size_in,size_out", [(3, 5), (11, 81), (21, 161), (41, 161), (5, 12), (1, 4)])
+def test_resize_align_corners_matches_interpolation_matrix(size_in, size_out):
+  """The integer-factor fast path (2, 4, 8 in kMaX) and the matrix path give the interpolation-matrix product."""
+  x = jax.random.normal(jax.random.key(2), (2, size_in, size_in + 2, 3))
+  y = L.resize_bilinear(x, (size_out, size_out + 2), align_corners=True)
+  mh = L._interp_matrix(size_in, size_out, True)
+  mw = L._interp_matrix(size_in + 2, size_out + 2, True)
+  np.testing.assert_allclose(np.asarray(y), np.einsum("oh,pw,bhwc->bopc", mh, mw, np.asarray(x)), atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,dilation,padding", [(5, 1, ((2, 2), (2, 2))), (3, 2, ((2, 2), (2, 2))),
+                                                     (3, 1, ((0, 2), (1, 0)))])
+def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding):
+  """The CPU shift-and-add depthwise convolution and its hand-written gradients equal lax's grouped convolution."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
+  kw = dict(rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, **kw)))
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(L.depthwise_conv_general_dilated), (0, 1))(x, w)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+
+
+def test_depthwise_layers_use_shift_and_add_on_cpu():
+  """On CPU, stride-1 depthwise convs avoid XLA's dense kernel gradient (C times the work); others stay lax."""
+  rngs = nnx.Rngs(0)
+  with nnx.use_eager_sharding(False):
+    assert L.conv(8, 8, 5, groups=8, rngs=rngs).conv_general_dilated is L.depthwise_conv_general_dilated
+    assert L.conv(8, 8, 3, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
+    assert L.conv(8, 8, 3, stride=2, groups=8, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
+
+
 def test_kmeans_assignment_is_hard_and_stops_gradient():
   logits = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
   a = kmeans_assignment(logits)
