@@ -293,7 +293,8 @@ def resize_and_pad(image: np.ndarray, panoptic: np.ndarray, crop_hw: tuple[int, 
   if resize:
     scale = min(ch / h, cw / w)
   elif h > ch or w > cw:
-    raise ValueError(f"image of {h}x{w} does not fit the eval crop {ch}x{cw}; enable eval resizing or enlarge the crop")
+    raise ValueError(f"image of {h}x{w} does not fit the eval crop {ch}x{cw}; resize to fit (config.input."
+                     f"resize_to_crop) or enlarge the crop")
   else:
     scale = 1.0
   out_image, out_label = _scale_crop(image, panoptic, scale, (0, 0), (ch, cw), False, pad_value,
