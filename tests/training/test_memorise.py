@@ -42,8 +42,9 @@ PQ_UNTRAINED_BELOW = 0.2
 
 
 def memorise_config(seed: int = SEED, steps: int = STEPS, base_lr: float = BASE_LR) -> ml_collections.ConfigDict:
-  """configs/demo.py (kmax_tiny, its losses and optimiser) with a short, fast schedule and no regulariser."""
+  """configs/demo.py (its losses and optimiser) on kmax_tiny with a short, fast schedule and no regulariser."""
   config = demo.get_config()
+  config.model.preset = "kmax_tiny"
   config.seed = seed
   config.optim.base_lr = base_lr
   config.optim.warmup_steps = WARMUP_STEPS

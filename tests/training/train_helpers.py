@@ -53,7 +53,7 @@ def tiny_dataset() -> pathlib.Path:
 # Overrides of configs/demo.py, as (dotted field, value); the same list feeds in-process configs and main.py flags.
 def overrides(data_root: pathlib.Path, **extra) -> list[tuple[str, Any]]:
   values = {
-      "dataset.train": str(data_root / "train"), "dataset.val": str(data_root / "val"),
+      "dataset.train": str(data_root / "train"), "dataset.val": str(data_root / "val"), "model.preset": "kmax_tiny",
       "input.crop_size": (65, 65), "input.resize_to_crop": True, "input.num_workers": 0, "loss.instance_sample_k": 64,
       "optim.warmup_steps": 1, "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
       "train.keep_checkpoints": 2, "train.eval_every": 1000, "eval.max_images": 4, "eval.num_visualizations": 2,
