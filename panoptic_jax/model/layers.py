@@ -121,22 +121,25 @@ def dense(in_features: int, out_features: int, *, use_bias: bool = False, kernel
       rngs=rngs)
 
 
+def _taps(x: jax.Array, padding: tuple, kernel_hw: tuple[int, int], dilation: tuple[int, int]):
+  """The kernel taps of a stride-1 window over `x [B, H, W, C]` padded (negative values crop) in float32:
+  yields `(i, j, window)` with `window = pad(x)[:, i*dh : i*dh + H', j*dw : j*dw + W']` of the output's size."""
+  (kh, kw), (dh, dw) = kernel_hw, dilation
+  x = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  out_h, out_w = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
+  for i in range(kh):
+    for j in range(kw):
+      yield i, j, x[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w]
+
+
 def _shifted_sum(x: jax.Array, kernel: jax.Array, padding: tuple, dilation: tuple[int, int]) -> jax.Array:
   """`sum_ij pad(x)[:, i*dh + h, j*dw + w] * kernel[i, j]` for `x [B, H, W, C]`, `kernel [kh, kw, C]`, in float32.
 
   `padding` is `((top, bottom), (left, right))`, negative values crop. Products and sums are float32 (a
   convolution's accumulator) also for bfloat16 inputs; XLA fuses the casts, slices and products into one loop.
   """
-  kh, kw = kernel.shape[:2]
-  dh, dw = dilation
-  x = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
   kernel = kernel.astype(jnp.float32)
-  out_h, out_w = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
-  acc = jnp.zeros(x.shape[:1] + (out_h, out_w, x.shape[3]), jnp.float32)
-  for i in range(kh):
-    for j in range(kw):
-      acc = acc + x[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w] * kernel[i, j]
-  return acc
+  return sum(window * kernel[i, j] for i, j, window in _taps(x, padding, kernel.shape[:2], dilation))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -158,11 +161,9 @@ def _depthwise_bwd(padding, dilation, residuals, grad):
   span_h, span_w = dh * (kh - 1), dw * (kw - 1)
   grad_padding = ((span_h - padding[0][0], span_h - padding[0][1]), (span_w - padding[1][0], span_w - padding[1][1]))
   dx = _shifted_sum(grad, kernel[::-1, ::-1], grad_padding, dilation)
-  xp = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
   g = grad.astype(jnp.float32)
-  out_h, out_w = g.shape[1:3]
-  dk = jnp.stack([jnp.sum(xp[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w] * g, axis=(0, 1, 2))
-                  for i in range(kh) for j in range(kw)]).reshape(kernel.shape)
+  dk = jnp.stack([jnp.sum(window * g, axis=(0, 1, 2))
+                  for _, _, window in _taps(x, padding, (kh, kw), dilation)]).reshape(kernel.shape)
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
