@@ -480,7 +480,7 @@ class _Scene:
       z = rng.uniform(3, 25)
       objs.append((z, self.draw_clutter, (sidewalk_x(0.6), z)))
     if not any(o[1] in (self.draw_car, self.draw_person, self.draw_cyclist) for o in objs):
-      z = rng.uniform(6, car_zmax)
+      z = rng.uniform(min(6.0, car_zmax), car_zmax)  # car_zmax is below 6 m with a long focal length
       objs.append((z, self.draw_car, (road_l + 0.5 * self.lane_w, z, 4.3, True)))
     return objs
 

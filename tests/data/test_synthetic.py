@@ -124,6 +124,15 @@ def test_deterministic_across_worker_counts_and_seeds(dataset, tmp_path):
   assert (dataset / "val/images/000000.jpg").read_bytes() != (dataset / "train/images/000000.jpg").read_bytes()
 
 
+def test_scene_without_random_things_gets_a_car_even_with_a_long_focal_length():
+  # Seed 0, val 137 at 128x256 draws no car, person or cyclist, and a camera whose farthest learnable car depth is
+  # below the fallback car's nearest (6 m): rendering it once raised "high - low < 0".
+  _, _, tiff, stats = synthetic.encode_example(0, "val", 137, 128, 256)
+  panoptic = fmt.decode_annotation(tiff, synthetic.INFO, (128, 256), where="val/000137")
+  assert stats["things"] >= 1
+  assert np.any(panoptic // synthetic.INFO.label_divisor == synthetic.INFO.categories.index("car"))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("panoptic_jax.data.inspect") is None,
                     reason="panoptic_jax.data.inspect not written yet")
 def test_passes_inspect(dataset, tmp_path):
