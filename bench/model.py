@@ -31,6 +31,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
+from panoptic_jax import huge_pages  # noqa: E402
 from panoptic_jax.inference import postprocess as pp  # noqa: E402
 from panoptic_jax.model.kmax_deeplab import (DATASET_CLASSES, abstract_model, build_model,  # noqa: E402
                                              param_breakdown)
@@ -128,4 +129,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.relaunch_with_huge_pages()  # As the training entry point does (panoptic_jax/huge_pages.py).
   sys.exit(main())

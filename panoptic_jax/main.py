@@ -13,6 +13,8 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from panoptic_jax import huge_pages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.", required=True)
 _MODE = flags.DEFINE_enum("mode", "train_and_eval", ["train", "eval", "train_and_eval"],
@@ -63,4 +65,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  huge_pages.relaunch_with_huge_pages()  # Before anything starts threads: the process image is replaced.
   app.run(main)

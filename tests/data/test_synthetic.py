@@ -1,6 +1,5 @@
 """The procedural street-scene dataset (panoptic_jax/data/synthetic.py): format, content, determinism, caching."""
 
-import importlib.util
 import io
 import json
 import os
@@ -133,8 +132,6 @@ def test_scene_without_random_things_gets_a_car_even_with_a_long_focal_length():
   assert np.any(panoptic // synthetic.INFO.label_divisor == synthetic.INFO.categories.index("car"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("panoptic_jax.data.inspect") is None,
-                    reason="panoptic_jax.data.inspect not written yet")
 def test_passes_inspect(dataset, tmp_path):
   for split, count in (("train", NUM_TRAIN), ("val", NUM_VAL)):
     report = tmp_path / f"{split}.json"
