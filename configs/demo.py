@@ -1,4 +1,4 @@
-r"""The demo: a small kMaX model on the built-in synthetic street scenes, sized for a 2-core CPU (~13 minutes).
+r"""The demo: a small kMaX model on the built-in synthetic street scenes, sized for a 2-core CPU (~11 minutes).
 
   python -m panoptic_jax.main --config=configs/demo.py --workdir=runs/demo
 
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.synthetic = ml_collections.ConfigDict()  # Generated on first use; train / val point into it.
   config.dataset.synthetic.cache_dir = "~/.cache/panoptic_jax/synthetic"
   config.dataset.synthetic.num_train = 400
-  config.dataset.synthetic.num_val = 50
+  config.dataset.synthetic.num_val = 200  # 50 held only 6 labelled poles: PQ moved by 2 points with the draw.
   config.dataset.synthetic.height = 128
   config.dataset.synthetic.width = 256
   config.dataset.synthetic.seed = 0
@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.semantic_topk = 1.0
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.base_lr = 2e-3
+  # Trained from scratch at batch 8. Runs of 1,000 steps reached PQ 47.9 / 54.0 / 57.1 / 62.1 / 61.9 at 2e-3 / 4e-3 /
+  # 8e-3 / 1.6e-2 / 3.2e-2 (DeepLab2's 5e-4 is for batch 64 and a pretrained backbone).
+  config.optim.base_lr = 1.6e-2
   config.optim.warmup_steps = 100
   config.optim.poly_power = 0.9
   config.optim.weight_decay = 0.05

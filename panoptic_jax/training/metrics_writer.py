@@ -41,7 +41,11 @@ class Progress:
 
   def __init__(self, total_steps: int, batch_size: int, first_step: int):
     self._total, self._batch = total_steps, batch_size
-    self._last_step, self._last_time = first_step, time.monotonic()
+    self.restart(first_step)
+
+  def restart(self, step: int) -> None:
+    """Measures the rate from here: compilation and evaluation are not training speed."""
+    self._last_step, self._last_time = step, time.monotonic()
 
   def line(self, step: int, scalars: Mapping[str, float]) -> str:
     now = time.monotonic()

@@ -242,6 +242,7 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
       try:
         if compiled is None:
           compiled = sharding.compile_together(step_fn, state, batch, rng, name=f"train_step_{step}")
+          progress.restart(step)
         state, metrics = compiled(state, batch, rng)
       except Exception as e:  # XLA reports out-of-memory as a generic runtime error.
         hint = _oom_hint(e)
@@ -271,4 +272,5 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
       if evaluator is not None and (step % config.train.eval_every == 0 or step == total):
         results = evaluator.evaluate(state, step)
         writer.write(step, results["scalars"], prefix="eval/")
+        progress.restart(step)
   return results

@@ -55,7 +55,7 @@ def overrides(data_root: pathlib.Path, **extra) -> list[tuple[str, Any]]:
   values = {
       "dataset.train": str(data_root / "train"), "dataset.val": str(data_root / "val"), "model.preset": "kmax_tiny",
       "input.crop_size": (65, 65), "input.resize_to_crop": True, "input.num_workers": 0, "loss.instance_sample_k": 64,
-      "optim.warmup_steps": 1, "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
+      "optim.base_lr": 2e-3, "optim.warmup_steps": 1, "train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 2,
       "train.keep_checkpoints": 2, "train.eval_every": 1000, "eval.max_images": 4, "eval.num_visualizations": 2,
       "mesh.data": -1, "mesh.fsdp": 1,
   }
