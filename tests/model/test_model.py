@@ -98,6 +98,26 @@ def test_depthwise_layers_use_shift_and_add_on_cpu():
     assert L.conv(8, 8, 3, stride=2, groups=8, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_layer_matches_lax_with_gradients_and_no_transposed_cotangent(dtype):
+  """1x1 convs (nnx.Linear) get their kernel gradient straight from the [P, C] layouts: same values as lax's rule."""
+  x = jax.random.normal(jax.random.key(0), (2, 9, 7, 16), dtype)
+  w = jax.random.normal(jax.random.key(1), (16, 24), dtype)
+  loss = lambda dot: lambda x, w: jnp.sum(jnp.sin(dot(x, w, (((3,), (0,)), ((), ()))).astype(jnp.float32)))
+  want = jax.value_and_grad(loss(jax.lax.dot_general), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(L.dense_dot_general), (0, 1))(x, w)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=tol)
+  for g, e in zip(got[1], want[1]):
+    assert g.dtype == dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=tol, atol=tol)
+  with nnx.use_eager_sharding(False):
+    assert L.dense(16, 24, rngs=nnx.Rngs(0)).dot_general is L.dense_dot_general
+  # The transpose XLA:CPU would materialise: a [24, 126] copy of the [2, 9, 7, 24] cotangent.
+  hlo = jax.jit(jax.grad(loss(L.dense_dot_general), 1)).lower(x, w).compile().as_text()
+  assert not [line for line in hlo.splitlines() if "transpose(" in line and "[24,2,9,7]" in line]
+
+
 def test_kmeans_assignment_is_hard_and_stops_gradient():
   logits = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
   a = kmeans_assignment(logits)
