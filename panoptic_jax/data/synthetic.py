@@ -228,8 +228,8 @@ class _Scene:
     # Things are placed no farther than where they appear this small (a fraction of the image height), so that they
     # stay learnable at the demo's resolution (output stride 4); occlusion can still leave smaller fragments.
     self.min_px = 0.3 * h
-    # Labelled poles are at least this wide (about 6 output pixels at 128 x 256: thinner than 1.5 stride-4 cells,
-    # even perfect stride-4 predictions lose them in the mask-wise merge); farther lamp posts are annotated void.
+    # Labelled poles are at least this wide (about 6 image pixels at 128 x 256, 1.5 stride-4 cells: thinner ones
+    # even perfect stride-4 predictions lose in the mask-wise merge); farther lamp posts are annotated void.
     self.min_pole_px = 0.045 * h
     self.next_instance = {CAR: 1, PERSON: 1, CYCLIST: 1, SIGN: 1}
     self.things: dict[int, int] = {}  # canonical label -> pixels drawn (before occlusion by later objects)
