@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 
+from panoptic_jax import huge_pages
 from panoptic_jax.evaluation import evaluator as evaluator_lib
 from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
 
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--pred_folder", help="prediction PNG folder (default: the JSON path without .json)")
   parser.add_argument("--out", help="write the results as JSON to this file")
   parser.add_argument("--endpoint_url", help="S3 endpoint for s3:// locations")
-  parser.add_argument("--batch_size", type=int, default=8, help="images per jitted call (default 8)")
+  parser.add_argument("--batch_size", type=int, default=16, help="images per jitted call (default 16)")
   parser.add_argument("--max_segments", type=int, default=128,
                       help="initial segments per image of the jitted metric; grows automatically (default 128)")
   parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding files (default 4)")
@@ -75,4 +76,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  huge_pages.relaunch_with_huge_pages()  # Cityscapes-size maps: +20-30% images/s (panoptic_jax/huge_pages.py).
   sys.exit(main())

@@ -43,14 +43,15 @@ class Evaluator:
     names: category names (canonical index order).
     is_thing: per category.
     label_divisor: of the canonical maps given to `add`.
-    batch_size: images per jitted call (the batch is padded with all-VOID images).
+    batch_size: images per jitted call (the batch is padded with all-VOID images). Each call costs ~0.8 ms of host
+      work (dispatch, transfer, accumulation) besides ~0.4 ms of device work per COCO-size image on 2 cores.
     max_segments: initial static slots per image; doubled automatically when an image has more.
     mixed_fraction: initial `panoptic_stats` mixed_fraction; doubled automatically (up to 1) when an image needs more.
     pad_multiple: images are padded to multiples of this (fewer distinct jit shapes).
     shard: split each batch over the local devices (when batch_size divides evenly).
   """
 
-  def __init__(self, names: Sequence[str], is_thing: Sequence[bool], label_divisor: int, batch_size: int = 8,
+  def __init__(self, names: Sequence[str], is_thing: Sequence[bool], label_divisor: int, batch_size: int = 16,
                max_segments: int = 128, pad_multiple: int = 64, shard: bool = True, mixed_fraction: float = 0.25):
     self.names = list(names)
     self.is_thing = np.asarray(is_thing, bool)
@@ -145,7 +146,7 @@ class Evaluator:
       self.max_segments = min(MAX_SEGMENTS_LIMIT, 1 << (needed - 1).bit_length())
       logging.info("PQ: an image has %d segments; recompiling with max_segments=%d", needed, self.max_segments)
     self.pq.update(stats, names, valid)
-    self.confusion += stats["confusion"]
+    self.confusion += stats["confusion"].sum(axis=0)
 
   def result(self) -> dict:
     """{"panoptic": PQ results, "semantic": mIoU results, "instance": AP results or {"computed": False, "reason"}}."""
@@ -288,7 +289,7 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
   return panoptic, None, None, {}
 
 
-def evaluate_sides(gt: Side, pred: Side, batch_size: int = 8, max_segments: int = 128, num_workers: int = 4,
+def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int = 128, num_workers: int = 4,
                    progress: bool = True) -> dict:
   """Evaluates `pred` against `gt`: the result of `Evaluator.result()` plus "categories" and "num_images"."""
   pairs = _pair_images(gt, pred)
