@@ -13,7 +13,8 @@ reference/kmax.md section 8 (DeepLab2 `model/post_processor/max_deeplab.py`, the
    become void.
 
 Output map: `category * label_divisor + instance`, VOID = -1; things are numbered 1..K per class in paste order,
-stuff has instance 0. Everything is jittable with static shapes (the merge is a `fori_loop` over the N slots).
+stuff has instance 0. Everything is jittable with static shapes (the merge is a `fori_loop` over the N slots, on an
+[N, N] table: see `panoptic_merge`).
 Mask logits are first upsampled to the input size with `upsample_logits` (bilinear, corners aligned when the
 sizes are of the `stride * k + 1` kind, e.g. odd crops).
 """
@@ -44,6 +45,11 @@ class PostprocessConfig:
   pixel_confidence: float
   thing_area_limit: int
   stuff_area_limit: int
+
+  def __post_init__(self):
+    if not self.pixel_confidence > 1 / 3:
+      raise ValueError(f"PostprocessConfig.pixel_confidence must be above 1/3 (the merge relies on no pixel lying in "
+                       f"three binary slot masks); found {self.pixel_confidence}")
 
 
 # The one table of presets (reference/kmax.md section 8).
@@ -77,6 +83,27 @@ def _axis_weights(n_in: int, n_out: int, align_corners: bool):
   return lo, hi, pos - lo.astype(jnp.float32)
 
 
+def _upsample_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> jax.Array:
+  """Bilinear resize of one axis of x to n_out."""
+  n_in = x.shape[axis]
+  if align_corners and n_in > 1 and (n_out - 1) % (n_in - 1) == 0:
+    # An integer factor k: output k * i + r is x[i] (1 - r / k) + x[i + 1] r / k (x[n_in] := x[n_in - 1]). Slices and
+    # broadcasts only: with gathers (below), the upsampling and the softmax after it took 2x longer on XLA:CPU, and
+    # a concatenation of the last output made XLA's loop branch per element (7x slower).
+    k = (n_out - 1) // (n_in - 1)
+    shape = [1] * (x.ndim + 1)
+    shape[axis + 1] = k
+    f = (jnp.arange(k, dtype=jnp.float32) / k).reshape(shape)
+    padded = jnp.concatenate([x, lax.slice_in_dim(x, n_in - 1, n_in, axis=axis)], axis=axis)
+    lower = jnp.expand_dims(lax.slice_in_dim(padded, 0, n_in, axis=axis), axis + 1)
+    upper = jnp.expand_dims(lax.slice_in_dim(padded, 1, n_in + 1, axis=axis), axis + 1)
+    outputs = (lower * (1.0 - f) + upper * f).reshape(*x.shape[:axis], n_in * k, *x.shape[axis + 1:])
+    return lax.slice_in_dim(outputs, 0, n_out, axis=axis)
+  lo, hi, f = _axis_weights(n_in, n_out, align_corners)
+  f = f.reshape([n_out if a == axis else 1 for a in range(x.ndim)])
+  return jnp.take(x, lo, axis=axis) * (1.0 - f) + jnp.take(x, hi, axis=axis) * f
+
+
 def upsample_logits(logits: jax.Array, size: tuple[int, int], align_corners: bool | None = None) -> jax.Array:
   """Bilinear resize of [B, h, w, N] to [B, H, W, N].
 
@@ -87,16 +114,47 @@ def upsample_logits(logits: jax.Array, size: tuple[int, int], align_corners: boo
   big_h, big_w = size
   if align_corners is None:
     align_corners = (h > 1 and w > 1 and (big_h - 1) % (h - 1) == 0 and (big_w - 1) % (w - 1) == 0)
-  x = logits.astype(jnp.float32)
-  lo, hi, f = _axis_weights(h, big_h, align_corners)
-  x = x[:, lo] * (1.0 - f)[None, :, None, None] + x[:, hi] * f[None, :, None, None]
-  lo, hi, f = _axis_weights(w, big_w, align_corners)
-  return x[:, :, lo] * (1.0 - f)[None, None, :, None] + x[:, :, hi] * f[None, None, :, None]
+  x = _upsample_axis(logits.astype(jnp.float32), 1, big_h, align_corners)
+  return _upsample_axis(x, 2, big_w, align_corners)
+
+
+def _mask_slots(mask_probs: jax.Array, pixel_confidence: float) -> tuple[jax.Array, jax.Array]:
+  """The (at most two) slots whose binary mask holds each pixel, and their probabilities.
+
+  A slot's binary mask is prob > pixel_confidence, and since pixel_confidence > 1/3 no pixel is in three (their
+  probabilities would sum to more than 1). One matmul of the binary masks with the columns (1, s + 1, (s + 1)^2)
+  gives each pixel's count n, sum a + b and sum of squares a^2 + b^2 of its slots (shifted by one), from which
+  a and b follow exactly: b - a = sqrt(2 (a^2 + b^2) - (a + b)^2). It reads the [P, N] masks once; reductions
+  over the slot axis (argmax, top_k) cost 2-8x more on XLA:CPU.
+
+  Args:
+    mask_probs: [P, N] per-pixel slot probabilities.
+    pixel_confidence: > 1/3.
+
+  Returns:
+    slots: int32 [P, 2] the pixel's slots in increasing order, N where it has fewer.
+    probs: float32 [P, 2] their probabilities (0 for N).
+  """
+  n = mask_probs.shape[1]
+  shifted = jnp.arange(1, n + 1, dtype=jnp.float32)
+  columns = jnp.stack([jnp.ones_like(shifted), shifted, shifted * shifted], axis=1)  # [N, 3]
+  count, total, squares = jnp.moveaxis(jnp.where(mask_probs > pixel_confidence, 1.0, 0.0) @ columns, 1, 0)
+  gap = jnp.sqrt(jnp.maximum(2.0 * squares - total * total, 0.0))  # b - a; exact (integers below 2^24).
+  low = jnp.where(count == 2, (total - gap) / 2, total).astype(jnp.int32) - 1
+  high = jnp.where(count == 2, (total + gap) / 2, 0).astype(jnp.int32) - 1
+  slots = jnp.stack([jnp.where(low >= 0, low, n), jnp.where(high >= 0, high, n)], axis=1)
+  probs = jnp.take_along_axis(mask_probs, jnp.minimum(slots, n - 1), axis=1)
+  return slots, jnp.where(slots < n, probs, 0.0)
 
 
 def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: jax.Array,
                    config: PostprocessConfig, label_divisor: int) -> dict[str, jax.Array]:
   """Mask-wise merge for one image.
+
+  The paste loop of the reference runs over the N slots, each step over every pixel. Here a pixel is in at most two
+  binary masks (`_mask_slots`), so a slot's still-free area when its turn comes is its area minus the pixels it
+  shares with the slots pasted before it: the loop runs on the [N, N] table of shared pixels, and each pixel then
+  goes to the first pasted slot (in paste order) among its two.
 
   Args:
     mask_logits: [H, W, N] slot logits at the final resolution.
@@ -107,7 +165,8 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
 
   Returns dict:
     panoptic [H, W] int32 (VOID = -1);
-    semantic_probs [H, W, C] float32: sum over slots of mask prob x class prob (void class excluded);
+    semantic_probs [H, W, C] float32: sum over slots of mask prob x class prob (void class excluded; computed only
+    when used: ~15 GFLOP at 641x641 with 133 classes);
     segment_slot [N] int32 (0..N-1), segment_category [N] int32, segment_instance [N] int32 (instance id in the
     map; 0 for stuff), segment_score [N] float32 (class prob x mean mask prob), segment_valid [N] bool (the slot
     contributes pixels to the returned map). Entries are per slot in slot order; stuff slots of one class share
@@ -121,24 +180,28 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
   category = jnp.argmax(class_probs, axis=-1).astype(jnp.int32)
   thing = jnp.asarray(is_thing, bool)[category]
 
-  binary = mask_probs > config.pixel_confidence  # [P, N]
-  area = jnp.sum(binary, axis=0).astype(jnp.float32)
-  mask_score = jnp.sum(mask_probs * binary, axis=0) / jnp.maximum(area, 1.0)
+  slots, probs = _mask_slots(mask_probs, config.pixel_confidence)  # [P, 2]
+  area = jnp.zeros((n + 1,), jnp.int32).at[slots.ravel()].add(1)[:n]
+  mask_score = jnp.zeros((n + 1,), jnp.float32).at[slots.ravel()].add(probs.ravel())[:n] / jnp.maximum(area, 1)
   rank_score = conf ** config.class_weight * mask_score ** config.mask_weight
   order = jnp.argsort(-rank_score, stable=True)
   threshold = jnp.where(thing, config.thing_threshold, config.stuff_threshold)
   confident = conf > threshold
+  # shared[s, t]: pixels in the binary masks of both s and t (the row and column N of single-mask pixels dropped).
+  pairs = jnp.zeros(((n + 1) * (n + 1),), jnp.int32).at[slots[:, 0] * (n + 1) + slots[:, 1]].add(1)
+  pairs = pairs.reshape(n + 1, n + 1)[:n, :n]
+  shared = pairs + pairs.T
 
-  def paste(step, state):
-    canvas, kept = state
+  def paste(step, kept):
     slot = order[step]
-    mine = lax.dynamic_index_in_dim(binary, slot, axis=1, keepdims=False)
-    new = mine & (canvas < 0)
-    ok = confident[slot] & (jnp.sum(new) > config.overlap_threshold * area[slot])
-    canvas = jnp.where(new & ok, slot, canvas)
-    return canvas, kept.at[slot].set(ok)
+    free = area[slot] - jnp.sum(jnp.where(kept, shared[slot], 0))  # Not taken by a slot pasted before.
+    return kept.at[slot].set(confident[slot] & (free > config.overlap_threshold * area[slot]))
 
-  canvas, kept = lax.fori_loop(0, n, paste, (jnp.full((h * w,), -1, jnp.int32), jnp.zeros((n,), bool)))
+  kept = lax.fori_loop(0, n, paste, jnp.zeros((n,), bool))
+  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  paste_rank = jnp.append(jnp.where(kept, rank, n), n)  # [N + 1]; N: not pasted (or no slot).
+  first = jnp.min(paste_rank[slots], axis=1)
+  canvas = jnp.where(first < n, order[jnp.minimum(first, n - 1)], -1)  # [P] the pixel's slot or -1.
 
   # Final areas: per slot (things) and per stuff class (all slots of the class together).
   pasted = jnp.zeros((n,), jnp.float32).at[canvas].add(jnp.where(canvas >= 0, 1.0, 0.0), mode="drop")
@@ -147,7 +210,6 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
                          stuff_area[category] >= config.stuff_area_limit)
   valid = kept & big_enough & (pasted > 0)
   # Things: 1..K per class in paste order.
-  rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
   counted = valid & thing
   earlier = (rank[None, :] < rank[:, None]) & (category[None, :] == category[:, None]) & counted[None, :]
   instance = jnp.where(thing, jnp.sum(earlier, axis=1) + 1, 0).astype(jnp.int32)

@@ -65,6 +65,8 @@ def test_merge_matches_numpy(preset):
   fn = jax.jit(pp.postprocess, static_argnames=("image_size", "config", "label_divisor", "align_corners"))
   out = fn(jnp.asarray(mask_logits), jnp.asarray(class_logits), image_size=(h, w), is_thing=jnp.asarray(is_thing),
            config=cfg, label_divisor=DIVISOR)
+  probs = np.asarray(jax.nn.softmax(mask_logits, axis=-1))
+  assert np.any(np.sum(probs > cfg.pixel_confidence, axis=-1) == 2)  # Pixels in two binary masks are covered.
   nonvoid_seen = 0
   for i in range(b):
     ref_map, ref_score, ref_sem = _numpy_merge(mask_logits[i].astype(np.float64),
@@ -109,6 +111,8 @@ def test_presets_table_and_errors():
   assert pp.get_preset("ade20k").stuff_area_limit == 0
   with pytest.raises(ValueError, match="unknown preset"):
     pp.get_preset("kitti")
+  with pytest.raises(ValueError, match="pixel_confidence must be above 1/3.*0.3"):
+    pp.PostprocessConfig(**{**pp.get_preset("coco").__dict__, "pixel_confidence": 0.3})
 
 
 def test_stuff_slots_merge_and_things_numbered():
