@@ -10,6 +10,7 @@ a mesh the batch statistics are global (synchronised BatchNorm) without extra wo
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -26,8 +27,12 @@ Dtype = Any
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as in PyTorch's and Keras' defaults."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU in PyTorch's and TensorFlow's form, `x / 2 * (1 + erf(x / sqrt(2)))`.
+
+  `jax.nn.gelu(approximate=False)` writes it with erfc, which XLA:CPU evaluates 23% slower (5% of the R50 train
+  step); the two agree to 1e-6.
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1 / math.sqrt(2))))
 
 
 def act_fn(name: str | None) -> Callable[[jax.Array], jax.Array]:
@@ -191,6 +196,9 @@ def _depthwise_bwd(padding, dilation, residuals, grad):
   kernel's one per-channel reduction per tap. Written out because XLA's derivative of the shifted sum adds the 25
   padded terms in a transposed layout (about 5x slower than the forward on CPU)."""
   x, kernel = residuals
+  # A barrier keeps XLA from merging the windows below with the forward's identical ones: shared, all 25 windows of
+  # the input were written out (a full-size copy each) instead of being summed in one fused loop.
+  x = jax.lax.optimization_barrier(x)
   kh, kw = kernel.shape[:2]
   dh, dw = dilation
   span_h, span_w = dh * (kh - 1), dw * (kw - 1)
