@@ -233,11 +233,11 @@ def test_padding_images_are_left_out():
     assert padded[k] == pytest.approx(single[k], rel=1e-5), k
 
 
-def test_gram_gradient_is_autodiffs():
-  # The instance-discrimination similarities' one-matmul gradient equals the einsum's two-matmul one.
+def test_similarity_logsumexp_gradient_is_autodiffs():
+  # The instance-discrimination normaliser's written-out gradient equals autodiff's.
   x = jax.random.normal(jax.random.key(0), (2, 7, 5))
-  cotangent = jax.random.normal(jax.random.key(1), (2, 7, 7))
-  ours = jax.vjp(L._gram, x)[1](cotangent)[0]
-  reference = jax.vjp(lambda v: jnp.einsum("bkd,bjd->bkj", v, v), x)[1](cotangent)[0]
-  np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(L._gram(x), jnp.einsum("bkd,bjd->bkj", x, x), rtol=1e-6)
+  cotangent = jax.random.normal(jax.random.key(1), (2, 7))
+  plain = lambda v: jax.nn.logsumexp(jnp.einsum("bkd,bjd->bkj", v, v) / 0.3, axis=-1)
+  value, vjp = jax.vjp(lambda v: L._similarity_logsumexp(v, 0.3), x)
+  np.testing.assert_allclose(value, plain(x), rtol=1e-6)
+  np.testing.assert_allclose(vjp(cotangent)[0], jax.vjp(plain, x)[1](cotangent)[0], rtol=1e-5, atol=1e-5)
