@@ -133,7 +133,7 @@ def _mask_slots(mask_probs: jax.Array, pixel_confidence: float) -> tuple[jax.Arr
 
   Returns:
     slots: int32 [P, 2] the pixel's slots in increasing order, N where it has fewer.
-    probs: float32 [P, 2] their probabilities (0 for N).
+    probs: float32 [P, 2] their probabilities (undefined where the slot is N).
   """
   n = mask_probs.shape[1]
   shifted = jnp.arange(1, n + 1, dtype=jnp.float32)
@@ -143,8 +143,7 @@ def _mask_slots(mask_probs: jax.Array, pixel_confidence: float) -> tuple[jax.Arr
   low = jnp.where(count == 2, (total - gap) / 2, total).astype(jnp.int32) - 1
   high = jnp.where(count == 2, (total + gap) / 2, 0).astype(jnp.int32) - 1
   slots = jnp.stack([jnp.where(low >= 0, low, n), jnp.where(high >= 0, high, n)], axis=1)
-  probs = jnp.take_along_axis(mask_probs, jnp.minimum(slots, n - 1), axis=1)
-  return slots, jnp.where(slots < n, probs, 0.0)
+  return slots, jnp.take_along_axis(mask_probs, jnp.minimum(slots, n - 1), axis=1)
 
 
 def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: jax.Array,

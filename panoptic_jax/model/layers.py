@@ -296,7 +296,7 @@ class ConvBN(nnx.Module):
     self.act = act
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = self.conv(x[:, ::self.subsample, ::self.subsample] if self.subsample > 1 else x)
+    x = self.conv(x[:, ::self.subsample, ::self.subsample])
     if self.norm is not None:
       x = self.norm(x)
     return act_fn(self.act)(x)
