@@ -15,8 +15,8 @@ reference/kmax.md section 8 (DeepLab2 `model/post_processor/max_deeplab.py`, the
 Output map: `category * label_divisor + instance`, VOID = -1; things are numbered 1..K per class in paste order,
 stuff has instance 0. Everything is jittable with static shapes (the merge is a `fori_loop` over the N slots, on an
 [N, N] table: see `panoptic_merge`).
-Mask logits are first upsampled to the input size with `upsample_logits` (bilinear, corners aligned when the
-sizes are of the `stride * k + 1` kind, e.g. odd crops).
+Mask logits are upsampled to the input size as `upsample_logits` does (bilinear, corners aligned when the sizes are
+of the `stride * k + 1` kind, e.g. odd crops), block by block together with the softmax (`_pixel_slots`).
 """
 
 from __future__ import annotations
@@ -71,26 +71,38 @@ def get_preset(name: str) -> PostprocessConfig:
     raise ValueError(f"config.eval.postprocess: unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
+def _integer_factor(n_in: int, n_out: int, align_corners: bool) -> int | None:
+  """k when corner-aligned resizing of n_in to n_out places output k * i on input i; None otherwise."""
+  return (n_out - 1) // (n_in - 1) if align_corners and n_in > 1 and (n_out - 1) % (n_in - 1) == 0 else None
+
+
 def _axis_weights(n_in: int, n_out: int, align_corners: bool):
-  """Source indices (lo, hi) and interpolation weight of hi for 1-D bilinear resizing."""
-  out = jnp.arange(n_out, dtype=jnp.float32)
-  if align_corners:
-    pos = out * ((n_in - 1) / max(n_out - 1, 1))
+  """Source indices (lo, hi) and interpolation weight of hi for 1-D bilinear resizing of n_in to n_out."""
+  out = jnp.arange(n_out, dtype=jnp.int32)
+  k = _integer_factor(n_in, n_out, align_corners)
+  if k is not None:
+    # Output k * i + r lies r / k of the way from input i to i + 1 (the same values as the slice path of
+    # `_upsample_axis`).
+    lo, f = out // k, (out % k).astype(jnp.float32) / k
   else:
-    pos = jnp.clip((out + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-  lo = jnp.clip(jnp.floor(pos).astype(jnp.int32), 0, n_in - 1)
-  hi = jnp.minimum(lo + 1, n_in - 1)
-  return lo, hi, pos - lo.astype(jnp.float32)
+    if align_corners:
+      pos = out.astype(jnp.float32) * ((n_in - 1) / max(n_out - 1, 1))
+    else:
+      pos = jnp.clip((out.astype(jnp.float32) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    lo = jnp.floor(pos).astype(jnp.int32)
+    f = pos - lo.astype(jnp.float32)
+  lo = jnp.clip(lo, 0, n_in - 1)
+  return lo, jnp.minimum(lo + 1, n_in - 1), f
 
 
 def _upsample_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> jax.Array:
   """Bilinear resize of one axis of x to n_out."""
   n_in = x.shape[axis]
-  if align_corners and n_in > 1 and (n_out - 1) % (n_in - 1) == 0:
-    # An integer factor k: output k * i + r is x[i] (1 - r / k) + x[i + 1] r / k (x[n_in] := x[n_in - 1]). Slices and
-    # broadcasts only: with gathers (below), the upsampling and the softmax after it took 2x longer on XLA:CPU, and
-    # a concatenation of the last output made XLA's loop branch per element (7x slower).
-    k = (n_out - 1) // (n_in - 1)
+  k = _integer_factor(n_in, n_out, align_corners)
+  if k is not None:
+    # Output k * i + r is x[i] (1 - r / k) + x[i + 1] r / k (x[n_in] := x[n_in - 1]). Slices and broadcasts only: with
+    # gathers (below), the upsampling and the softmax after it took 2x longer on XLA:CPU, and a concatenation of the
+    # last output made XLA's loop branch per element (7x slower).
     shape = [1] * (x.ndim + 1)
     shape[axis + 1] = k
     f = (jnp.arange(k, dtype=jnp.float32) / k).reshape(shape)
@@ -104,82 +116,145 @@ def _upsample_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> 
   return jnp.take(x, lo, axis=axis) * (1.0 - f) + jnp.take(x, hi, axis=axis) * f
 
 
+def _corners_aligned(small: tuple[int, int], size: tuple[int, int]) -> bool:
+  """The `output_stride * k + 1` case (odd crops): every (size - 1) a multiple of (small - 1)."""
+  return all(_integer_factor(s, big, True) is not None for s, big in zip(small, size))
+
+
 def upsample_logits(logits: jax.Array, size: tuple[int, int], align_corners: bool | None = None) -> jax.Array:
   """Bilinear resize of [B, h, w, N] to [B, H, W, N].
 
   align_corners=None picks corner alignment when (H - 1) and (W - 1) are multiples of (h - 1) and (w - 1) (the
   `output_stride * k + 1` crops, odd sizes) and half-pixel centres otherwise.
   """
-  h, w = logits.shape[1:3]
-  big_h, big_w = size
   if align_corners is None:
-    align_corners = (h > 1 and w > 1 and (big_h - 1) % (h - 1) == 0 and (big_w - 1) % (w - 1) == 0)
-  x = _upsample_axis(logits.astype(jnp.float32), 1, big_h, align_corners)
-  return _upsample_axis(x, 2, big_w, align_corners)
+    align_corners = _corners_aligned(logits.shape[1:3], size)
+  x = _upsample_axis(logits.astype(jnp.float32), 1, size[0], align_corners)
+  return _upsample_axis(x, 2, size[1], align_corners)
 
 
-def _mask_slots(mask_probs: jax.Array, pixel_confidence: float) -> tuple[jax.Array, jax.Array]:
-  """The (at most two) slots whose binary mask holds each pixel, and their probabilities.
+def _mask_slots(logits: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The (at most two) slots whose binary mask holds each pixel.
 
-  A slot's binary mask is prob > pixel_confidence, and since pixel_confidence > 1/3 no pixel is in three (their
-  probabilities would sum to more than 1). One matmul of the binary masks with the columns (1, s + 1, (s + 1)^2)
-  gives each pixel's count n, sum a + b and sum of squares a^2 + b^2 of its slots (shifted by one), from which
-  a and b follow exactly: b - a = sqrt(2 (a^2 + b^2) - (a + b)^2). It reads the [P, N] masks once; reductions
-  over the slot axis (argmax, top_k) cost 2-8x more on XLA:CPU.
+  A slot's binary mask is prob > pixel_confidence, i.e. logit > threshold = logsumexp(logits) + log(pixel_confidence),
+  and since pixel_confidence > 1/3 no pixel is in three (their probabilities would sum to more than 1). One matmul of
+  the binary masks with the columns (1, s + 1, (s + 1)^2) gives each pixel's count n, sum a + b and sum of squares
+  a^2 + b^2 of its slots (shifted by one), from which a and b follow exactly: b - a = sqrt(2 (a^2 + b^2) - (a + b)^2).
+  It reads the [P, N] logits once; reductions over the slot axis (argmax, top_k) cost 2-8x more on XLA:CPU.
 
   Args:
-    mask_probs: [P, N] per-pixel slot probabilities.
-    pixel_confidence: > 1/3.
+    logits: [P, N] per-pixel slot logits.
+    threshold: [P, 1].
 
   Returns:
-    slots: int32 [P, 2] the pixel's slots in increasing order, N where it has fewer.
-    probs: float32 [P, 2] their probabilities (undefined where the slot is N).
+    int32 [P, 2]: the pixel's slots in increasing order, N where it has fewer.
   """
-  n = mask_probs.shape[1]
+  n = logits.shape[1]
   shifted = jnp.arange(1, n + 1, dtype=jnp.float32)
   columns = jnp.stack([jnp.ones_like(shifted), shifted, shifted * shifted], axis=1)  # [N, 3]
-  count, total, squares = jnp.moveaxis(jnp.where(mask_probs > pixel_confidence, 1.0, 0.0) @ columns, 1, 0)
+  count, total, squares = jnp.moveaxis(jnp.where(logits > threshold, 1.0, 0.0) @ columns, 1, 0)
   gap = jnp.sqrt(jnp.maximum(2.0 * squares - total * total, 0.0))  # b - a; exact (integers below 2^24).
   low = jnp.where(count == 2, (total - gap) / 2, total).astype(jnp.int32) - 1
   high = jnp.where(count == 2, (total + gap) / 2, 0).astype(jnp.int32) - 1
-  slots = jnp.stack([jnp.where(low >= 0, low, n), jnp.where(high >= 0, high, n)], axis=1)
-  return slots, jnp.take_along_axis(mask_probs, jnp.minimum(slots, n - 1), axis=1)
+  return jnp.stack([jnp.where(low >= 0, low, n), jnp.where(high >= 0, high, n)], axis=1)
+
+
+def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: bool, pixel_confidence: float,
+                 class_probs: jax.Array, block_pixels: int | None):
+  """Upsampled softmax masks, reduced per pixel: its (at most two) binary-mask slots, their probabilities and the
+  per-pixel class probabilities, computed over blocks of output rows.
+
+  Why blocks: at 1281x1281 with 128 slots, every full-resolution [P, N] array is 840 MB, and each pass over one
+  (upsampling, softmax, the mask test) is bound by memory bandwidth on CPU. A block of ~4k pixels keeps its
+  [rows * W, N] logits in cache from the upsampling to the per-pixel outputs (`lax.map` over blocks): post-processing
+  at 1281 took 0.37 s unblocked and 0.16 s in blocks of 4 rows. No probability array is written either: the mask test
+  compares the logit with its pixel's logsumexp.
+
+  Args:
+    mask_logits: [h, w, N] slot logits.
+    size: (H, W) output size.
+    align_corners: upsampling convention (see `upsample_logits`).
+    pixel_confidence: binary-mask threshold on the slot probability.
+    class_probs: [N, C] per-slot class probabilities (void excluded).
+    block_pixels: pixels per block (whole rows; at least one); None: the whole image in one block.
+
+  Returns:
+    slots int32 [P, 2] (`_mask_slots`), probs float32 [P, 2] their probabilities (undefined where the slot is N),
+    semantic_probs float32 [P, C] = mask probabilities @ class_probs; P = H * W in row-major order.
+  """
+  (h, w, n), (big_h, big_w) = mask_logits.shape, size
+  rows_per_block = big_h if block_pixels is None else min(big_h, max(1, block_pixels // big_w))
+  num_blocks = -(-big_h // rows_per_block)
+  lo, hi, frac = (jnp.pad(a, (0, num_blocks * rows_per_block - big_h)).reshape(num_blocks, rows_per_block)
+                  for a in _axis_weights(h, big_h, align_corners))
+  mask_logits = mask_logits.astype(jnp.float32)
+  log_confidence = jnp.log(jnp.float32(pixel_confidence))
+
+  def block(rows):
+    lo, hi, frac = rows
+    f = frac[:, None, None]
+    logits = mask_logits[lo] * (1.0 - f) + mask_logits[hi] * f  # The rows of `upsample_logits`, same arithmetic.
+    logits = _upsample_axis(logits, 1, big_w, align_corners).reshape(-1, n)  # [rows * W, N]
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    slots = _mask_slots(logits, lse + log_confidence)
+    probs = jnp.exp(jnp.take_along_axis(logits, jnp.minimum(slots, n - 1), axis=1) - lse)
+    return slots, probs, jnp.exp(logits - lse) @ class_probs
+
+  slots, probs, semantic = lax.map(block, (lo, hi, frac))
+  flat = lambda x: x.reshape(-1, x.shape[-1])[:big_h * big_w]  # noqa: E731
+  return flat(slots), flat(probs), flat(semantic)
+
+
+def _default_block_pixels() -> int | None:
+  """Cache-sized blocks on CPU (see `_pixel_slots`); accelerators take the whole image at once."""
+  return 4096 if jax.default_backend() == "cpu" else None
 
 
 def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: jax.Array,
-                   config: PostprocessConfig, label_divisor: int) -> dict[str, jax.Array]:
-  """Mask-wise merge for one image.
+                   config: PostprocessConfig, label_divisor: int, image_size: tuple[int, int] | None = None,
+                   align_corners: bool | None = None, block_pixels: int | None = -1) -> dict[str, jax.Array]:
+  """Mask-wise merge for one image, from mask logits at any resolution.
 
-  The paste loop of the reference runs over the N slots, each step over every pixel. Here a pixel is in at most two
-  binary masks (`_mask_slots`), so a slot's still-free area when its turn comes is its area minus the pixels it
-  shares with the slots pasted before it: the loop runs on the [N, N] table of shared pixels, and each pixel then
-  goes to the first pasted slot (in paste order) among its two.
+  The mask logits are upsampled to `image_size` as `upsample_logits` does, block by block together with the softmax
+  and the binary-mask test (`_pixel_slots`); no full-resolution [H, W, N] array is formed. The paste loop of the
+  reference runs over the N slots, each step over every pixel. Here a pixel is in at most two binary masks
+  (`_mask_slots`), so a slot's still-free area when its turn comes is its area minus the pixels it shares with the
+  slots pasted before it: the loop runs on the [N, N] table of shared pixels, and each pixel then goes to the first
+  pasted slot (in paste order) among its two.
 
   Args:
-    mask_logits: [H, W, N] slot logits at the final resolution.
+    mask_logits: [h, w, N] slot logits.
     class_logits: [N, C + 1] class logits, void last.
     is_thing: [C] bool.
     config: thresholds (a PostprocessConfig; static).
     label_divisor: panoptic label divisor (static).
+    image_size: (H, W) output size (static); None: (h, w), no upsampling.
+    align_corners: upsampling convention (static; see `upsample_logits`).
+    block_pixels: pixels per block of the per-pixel stage (static); None: one block; -1: 4096 on CPU, one block on
+      accelerators.
 
   Returns dict:
     panoptic [H, W] int32 (VOID = -1);
     semantic_probs [H, W, C] float32: sum over slots of mask prob x class prob (void class excluded; computed only
-    when used: ~15 GFLOP at 641x641 with 133 classes);
+    when used: XLA drops it otherwise, ~15 GFLOP at 641x641 with 133 classes);
     segment_slot [N] int32 (0..N-1), segment_category [N] int32, segment_instance [N] int32 (instance id in the
     map; 0 for stuff), segment_score [N] float32 (class prob x mean mask prob), segment_valid [N] bool (the slot
     contributes pixels to the returned map). Entries are per slot in slot order; stuff slots of one class share
     their (category, 0) id.
   """
   h, w, n = mask_logits.shape
+  image_size = (h, w) if image_size is None else tuple(image_size)
+  if align_corners is None:
+    align_corners = _corners_aligned((h, w), image_size)
   num_classes = class_logits.shape[-1] - 1
-  mask_probs = jax.nn.softmax(mask_logits.astype(jnp.float32), axis=-1).reshape(h * w, n)
   class_probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[:, :num_classes]
   conf = jnp.max(class_probs, axis=-1)
   category = jnp.argmax(class_probs, axis=-1).astype(jnp.int32)
   thing = jnp.asarray(is_thing, bool)[category]
 
-  slots, probs = _mask_slots(mask_probs, config.pixel_confidence)  # [P, 2]
+  slots, probs, semantic_probs = _pixel_slots(  # [P, 2], [P, 2], [P, C]
+      mask_logits, image_size, align_corners, config.pixel_confidence, class_probs,
+      _default_block_pixels() if block_pixels == -1 else block_pixels)
   area = jnp.zeros((n + 1,), jnp.int32).at[slots.ravel()].add(1)[:n]
   mask_score = jnp.zeros((n + 1,), jnp.float32).at[slots.ravel()].add(probs.ravel())[:n] / jnp.maximum(area, 1)
   rank_score = conf ** config.class_weight * mask_score ** config.mask_weight
@@ -213,12 +288,10 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
   earlier = (rank[None, :] < rank[:, None]) & (category[None, :] == category[:, None]) & counted[None, :]
   instance = jnp.where(thing, jnp.sum(earlier, axis=1) + 1, 0).astype(jnp.int32)
   slot_label = jnp.where(valid, category * label_divisor + instance, VOID)
-  panoptic = jnp.where(canvas >= 0, slot_label[jnp.clip(canvas, 0, n - 1)], VOID).reshape(h, w)
-
-  semantic_probs = (mask_probs @ class_probs).reshape(h, w, num_classes)
+  panoptic = jnp.where(canvas >= 0, slot_label[jnp.clip(canvas, 0, n - 1)], VOID).reshape(image_size)
   return {
       "panoptic": panoptic.astype(jnp.int32),
-      "semantic_probs": semantic_probs,
+      "semantic_probs": semantic_probs.reshape(*image_size, num_classes),
       "segment_slot": jnp.arange(n, dtype=jnp.int32),
       "segment_category": category,
       "segment_instance": jnp.where(valid, instance, 0),
@@ -229,12 +302,12 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
 
 def postprocess(mask_logits: jax.Array, class_logits: jax.Array, image_size: tuple[int, int], is_thing: jax.Array,
                 config: PostprocessConfig, label_divisor: int,
-                align_corners: bool | None = None) -> dict[str, jax.Array]:
-  """Batched: upsample [B, h, w, N] mask logits to `image_size`, then `panoptic_merge` per image.
+                align_corners: bool | None = None, block_pixels: int | None = -1) -> dict[str, jax.Array]:
+  """Batched `panoptic_merge` of [B, h, w, N] mask logits upsampled to `image_size`.
 
-  `image_size`, `config`, `label_divisor` and `align_corners` are static under jit. Outputs carry a leading
-  batch axis (see `panoptic_merge`).
+  `image_size`, `config`, `label_divisor`, `align_corners` and `block_pixels` are static under jit. Outputs carry a
+  leading batch axis (see `panoptic_merge`).
   """
-  logits = upsample_logits(mask_logits, image_size, align_corners)
-  merge = lambda m, c: panoptic_merge(m, c, is_thing, config, label_divisor)  # noqa: E731
-  return jax.vmap(merge)(logits, class_logits)
+  merge = lambda m, c: panoptic_merge(m, c, is_thing, config, label_divisor, image_size, align_corners,  # noqa: E731
+                                      block_pixels)
+  return jax.vmap(merge)(mask_logits, class_logits)

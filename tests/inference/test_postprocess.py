@@ -50,21 +50,30 @@ def _numpy_merge(mask_logits, class_logits, is_thing, cfg, divisor):
   return panoptic, conf * mscore, probs.reshape(-1, n) @ cprobs
 
 
-@pytest.mark.parametrize("preset", ["coco", "cityscapes", "ade20k"])
-def test_merge_matches_numpy(preset):
+@pytest.mark.parametrize("preset, low_res, image_size, block_pixels", [
+    ("coco", (17, 17), (17, 17), -1),
+    ("cityscapes", (17, 17), (17, 17), -1),
+    ("ade20k", (17, 17), (17, 17), -1),
+    ("coco", (5, 9), (17, 33), 70),  # Corners aligned (x4), blocks of 2 rows, the last one padded.
+    ("cityscapes", (6, 5), (20, 16), 16),  # Half-pixel centres, one row per block.
+])
+def test_merge_matches_numpy(preset, low_res, image_size, block_pixels):
+  """The merge of upsampled logits (any block size) equals the loop version on `upsample_logits`' output."""
   cfg = pp.get_preset(preset)
-  rng = np.random.default_rng(len(preset))
-  b, h, w, n, c = 6, 17, 17, 12, 5
+  rng = np.random.default_rng(len(preset) + low_res[0])
+  b, n, c = 6, 12, 5
   is_thing = np.array([True, True, False, True, False])
   # Peaked logits so that many slots pass the thresholds; scaled area limits for tiny images.
   cfg = pp.PostprocessConfig(**{**cfg.__dict__, "thing_area_limit": min(cfg.thing_area_limit, 12),
                                 "stuff_area_limit": min(cfg.stuff_area_limit, 40)})
-  mask_logits = rng.normal(0, 3, (b, h, w, n)).astype(np.float32)
+  mask_logits = rng.normal(0, 3, (b, *low_res, n)).astype(np.float32)
   class_logits = rng.normal(0, 3, (b, n, c + 1)).astype(np.float32)
   class_logits[:, : n // 2, rng.integers(0, c, n // 2)] += 6.0
-  fn = jax.jit(pp.postprocess, static_argnames=("image_size", "config", "label_divisor", "align_corners"))
-  out = fn(jnp.asarray(mask_logits), jnp.asarray(class_logits), image_size=(h, w), is_thing=jnp.asarray(is_thing),
-           config=cfg, label_divisor=DIVISOR)
+  fn = jax.jit(pp.postprocess, static_argnames=("image_size", "config", "label_divisor", "align_corners",
+                                                "block_pixels"))
+  out = fn(jnp.asarray(mask_logits), jnp.asarray(class_logits), image_size=image_size, is_thing=jnp.asarray(is_thing),
+           config=cfg, label_divisor=DIVISOR, block_pixels=block_pixels)
+  mask_logits = np.asarray(pp.upsample_logits(jnp.asarray(mask_logits), image_size))
   probs = np.asarray(jax.nn.softmax(mask_logits, axis=-1))
   assert np.any(np.sum(probs > cfg.pixel_confidence, axis=-1) == 2)  # Pixels in two binary masks are covered.
   nonvoid_seen = 0
