@@ -1,5 +1,7 @@
 """kMaX-DeepLab model: parameter counts, shapes, modes, k-means assignment, sharding, bf16."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,8 +78,13 @@ def test_resize_align_corners_matches_interpolation_matrix(size_in, size_out):
 
 @pytest.mark.parametrize("kernel,dilation,padding", [(5, 1, ((2, 2), (2, 2))), (3, 2, ((2, 2), (2, 2))),
                                                      (3, 1, ((0, 2), (1, 0)))])
-def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding):
-  """The CPU shift-and-add depthwise convolution and its hand-written gradients equal lax's grouped convolution."""
+@pytest.mark.parametrize("block_rows", [None, 1, 2])
+def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding, block_rows, monkeypatch):
+  """The CPU shift-and-add depthwise convolution and its hand-written gradients equal lax's grouped convolution,
+  also when the kernel gradient is summed over blocks of 1 or 2 rows (the last one padded)."""
+  if block_rows is not None:
+    out_w = 7 + sum(padding[1]) - dilation * (kernel - 1)
+    monkeypatch.setattr(L, "_kernel_grad", functools.partial(L._kernel_grad, block_elements=2 * out_w * 6 * block_rows))
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
   kw = dict(rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
@@ -87,6 +94,20 @@ def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding):
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
   for g, e in zip(got[1], want[1]):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
+  """The fusion boundary on GELU and the depthwise sum is an identity in value (bit for bit) and gradient."""
+  x = jax.random.normal(jax.random.key(0), (4, 33), dtype) * 100
+  y = jax.jit(L.ynn_boundary)(x)
+  assert y.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
+                                np.asarray(x).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32))
+  g = jax.grad(lambda v: jnp.sum(jnp.sin(L.ynn_boundary(v).astype(jnp.float32))))(x)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.cos(x.astype(jnp.float32)).astype(dtype)))
+  np.testing.assert_allclose(np.asarray(L.gelu(jnp.linspace(-4, 4, 17))),
+                             np.asarray(jax.nn.gelu(jnp.linspace(-4, 4, 17), approximate=False)), atol=1e-6)
 
 
 def test_depthwise_layers_use_shift_and_add_on_cpu():
