@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Nominal dense bf16 peak per chip (TFLOP/s) from the vendors' data sheets; matched against device_kind.
 NOMINAL_BF16_TFLOPS = (
@@ -77,20 +78,30 @@ def header(title: str) -> str:
   ])
 
 
+_matmul = jax.jit(lambda a, b: a @ b)
+
+
 def matmul_rate(n: int = 2048, reps: int = 10, rounds: int = 3) -> float:
   """Best achieved float32 GFLOP/s of an n x n matmul on the default device (the practical peak)."""
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
+  _matmul(a, b).block_until_ready()
   best = float("inf")
   for _ in range(rounds):
     t = time.perf_counter()
     for _ in range(reps):
-      out = f(a, b)
+      out = _matmul(a, b)
     out.block_until_ready()
     best = min(best, (time.perf_counter() - t) / reps)
   return 2 * n**3 / best / 1e9
+
+
+def seconds_at_rate(times: Sequence[float], rates: Sequence[float], reference_rate: float) -> float:
+  """Median of seconds scaled to a machine whose matmul rate is `reference_rate`: each time times the matmul rate
+  measured right after it, over `reference_rate`. On a shared machine the speed varies by up to 30% within minutes;
+  a comparison with a figure measured elsewhere (the PyTorch port's, beside its own matmul rate) holds at equal
+  matmul rates."""
+  return float(np.median([t * r / reference_rate for t, r in zip(times, rates)]))
 
 
 def compiled_gflop(compiled: Any) -> float:
