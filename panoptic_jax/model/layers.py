@@ -220,8 +220,8 @@ def _depthwise_bwd(padding, dilation, residuals, grad):
   kernel's one per-channel reduction per tap. Written out because XLA's derivative of the shifted sum adds the 25
   padded terms in a transposed layout (about 5x slower than the forward on CPU)."""
   x, kernel = residuals
-  # A barrier keeps XLA from merging the windows below with the forward's identical ones: shared, all 25 windows of
-  # the input were written out (a full-size copy each) instead of being summed in one fused loop.
+  # A barrier keeps XLA's CSE from merging the kernel gradient's slices of x with the forward's: when both sliced the
+  # same 25 windows, every window was written out (a full-size copy each) instead of being summed in one fused loop.
   x = jax.lax.optimization_barrier(x)
   kh, kw = kernel.shape[:2]
   dh, dw = dilation
