@@ -96,6 +96,16 @@ def matmul_rate(n: int = 2048, reps: int = 10, rounds: int = 3) -> float:
   return 2 * n**3 / best / 1e9
 
 
+def spot_matmul_rate() -> float:
+  """`matmul_rate` of one short round (~0.25 s on 2 CPU cores), for timing beside each call of a benchmark."""
+  return matmul_rate(reps=3, rounds=1)
+
+
+def median_and_range(values: Sequence[float]) -> str:
+  """'median (min-max)', rounded to integers: a table cell for the matmul rates beside a benchmark's calls."""
+  return f"{np.median(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
 def seconds_at_rate(times: Sequence[float], rates: Sequence[float], reference_rate: float) -> float:
   """Median of seconds scaled to a machine whose matmul rate is `reference_rate`: each time times the matmul rate
   measured right after it, over `reference_rate`. On a shared machine the speed varies by up to 30% within minutes;

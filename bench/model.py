@@ -60,7 +60,7 @@ def time_calls(fn, args, iters: int) -> tuple[list[float], list[float]]:
     t = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - t)
-    rates.append(common.matmul_rate(reps=3, rounds=1))
+    rates.append(common.spot_matmul_rate())
   return times, rates
 
 
@@ -116,7 +116,7 @@ def inference_table(results: list[dict], compare_with_port: bool) -> str:
     rows.append([f"{r['size']}x{r['size']} b1", "forward + post-processing" if r["postprocess"] else "forward",
                  f"{r['compile_s']:.0f}", f"{r['s_per_image']:.2f} ({each})",
                  f"{r['images_per_s']:.3f}", f"{r['gflop']:.0f}", f"{r['gflop_per_s']:.1f}",
-                 f"{r['matmul_rate']:.0f} ({min(r['matmul_rates']):.0f}-{max(r['matmul_rates']):.0f})",
+                 common.median_and_range(r["matmul_rates"]),
                  f"{100 * r['gflop_per_s'] / r['matmul_rate']:.0f}%", f"{r['s_per_image_at_port_rate']:.2f}",
                  f"{port / r['s_per_image_at_port_rate']:.2f}x" if port else "-",
                  f"{r['memory_gb']['peak']:.2f}", f"{r['peak_rss_gb']:.2f}", f"{r['load_average']:.2f}"])

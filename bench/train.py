@@ -162,7 +162,7 @@ def bench_throughput(base: ml_collections.ConfigDict, args: argparse.Namespace, 
     jax.block_until_ready((state, metrics))
     if step:  # Step 0 is the warm-up.
       times.append(time.perf_counter() - t)
-      rates.append(common.matmul_rate(reps=3, rounds=1))
+      rates.append(common.spot_matmul_rate())
     losses_seen.append(float(metrics["loss"]))
   sec, rate = float(np.median(times)), float(np.median(rates))
   res = {"variant": variant, "size": args.size, "batch": args.batch, "compile_s": compile_s, "s_per_step": sec,
@@ -189,7 +189,7 @@ def throughput_table(results: list[dict], compare_with_port: bool) -> str:
     row = ["panoptic_jax", r["variant"], f"{r['compile_s']:.0f}",
            f"{r['s_per_step']:.2f} ({', '.join(f'{t:.2f}' for t in r['s_per_step_all'])})", f"{r['images_per_s']:.3f}",
            f"{r['gflop']:.0f}", f"{r['gflop_per_s']:.1f}",
-           f"{r['matmul_rate']:.0f} ({min(r['matmul_rates']):.0f}-{max(r['matmul_rates']):.0f})",
+           common.median_and_range(r["matmul_rates"]),
            f"{100 * r['fraction_of_matmul']:.0f}%", f"{r['s_per_step_at_port_rate']:.2f}",
            f"{PYTORCH_PORT['s_per_step'] / r['s_per_step_at_port_rate']:.2f}x"
            if compare_with_port and r["variant"] == "plain" else "-"]

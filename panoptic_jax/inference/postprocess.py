@@ -111,8 +111,12 @@ def _upsample_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> 
     upper = jnp.expand_dims(lax.slice_in_dim(padded, 1, n_in + 1, axis=axis), axis + 1)
     outputs = (lower * (1.0 - f) + upper * f).reshape(*x.shape[:axis], n_in * k, *x.shape[axis + 1:])
     return lax.slice_in_dim(outputs, 0, n_out, axis=axis)
-  lo, hi, f = _axis_weights(n_in, n_out, align_corners)
-  f = f.reshape([n_out if a == axis else 1 for a in range(x.ndim)])
+  return _interpolate(x, axis, *_axis_weights(n_in, n_out, align_corners))
+
+
+def _interpolate(x: jax.Array, axis: int, lo: jax.Array, hi: jax.Array, f: jax.Array) -> jax.Array:
+  """`x[lo] (1 - f) + x[hi] f` along `axis` for the 1-D index and weight arrays of `_axis_weights`."""
+  f = f.reshape([f.size if a == axis else 1 for a in range(x.ndim)])
   return jnp.take(x, lo, axis=axis) * (1.0 - f) + jnp.take(x, hi, axis=axis) * f
 
 
@@ -167,7 +171,7 @@ def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: b
   Why blocks: at 1281x1281 with 128 slots, every full-resolution [P, N] array is 840 MB, and each pass over one
   (upsampling, softmax, the mask test) is bound by memory bandwidth on CPU. A block of ~4k pixels keeps its
   [rows * W, N] logits in cache from the upsampling to the per-pixel outputs (`lax.map` over blocks): post-processing
-  at 1281 took 0.37 s unblocked and 0.16 s in blocks of 4 rows. No probability array is written either: the mask test
+  at 1281 took 0.33 s unblocked and 0.21 s in blocks of 3 rows. No probability array is written either: the mask test
   compares the logit with its pixel's logsumexp.
 
   Args:
@@ -191,9 +195,7 @@ def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: b
   log_confidence = jnp.log(jnp.float32(pixel_confidence))
 
   def block(rows):
-    lo, hi, frac = rows
-    f = frac[:, None, None]
-    logits = mask_logits[lo] * (1.0 - f) + mask_logits[hi] * f  # The rows of `upsample_logits`, same arithmetic.
+    logits = _interpolate(mask_logits, 0, *rows)  # The rows of `upsample_logits`, same arithmetic.
     logits = _upsample_axis(logits, 1, big_w, align_corners).reshape(-1, n)  # [rows * W, N]
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     slots = _mask_slots(logits, lse + log_confidence)

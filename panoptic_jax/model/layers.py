@@ -182,17 +182,21 @@ def dense(in_features: int, out_features: int, *, use_bias: bool = False, kernel
       rngs=rngs)
 
 
-def _taps(x: jax.Array, padding: tuple, kernel_hw: tuple[int, int], dilation: tuple[int, int]):
-  """The kernel taps of a stride-1 window over `x [B, H, W, C]` padded (negative values crop) in float32:
-  yields `(i, j, window)` with `window = pad(x)[:, i*dh : i*dh + H', j*dw : j*dw + W']` of the output's size."""
+def _windows(padded: jax.Array, kernel_hw: tuple[int, int], dilation: tuple[int, int]):
+  """The kernel taps of a stride-1 window over an already padded `[B, H, W, C]`: yields `(i, j, window)` with
+  `window = padded[:, i*dh : i*dh + H', j*dw : j*dw + W']`, `H' = H - dh * (kh - 1)` (and W' alike)."""
   (kh, kw), (dh, dw) = kernel_hw, dilation
-  x = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
-  # Padded once: otherwise XLA fuses the pad into each of the 25 slices and writes every window out.
-  x = jax.lax.optimization_barrier(x)
-  out_h, out_w = x.shape[1] - dh * (kh - 1), x.shape[2] - dw * (kw - 1)
+  out_h, out_w = padded.shape[1] - dh * (kh - 1), padded.shape[2] - dw * (kw - 1)
   for i in range(kh):
     for j in range(kw):
-      yield i, j, x[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w]
+      yield i, j, padded[:, i * dh:i * dh + out_h, j * dw:j * dw + out_w]
+
+
+def _taps(x: jax.Array, padding: tuple, kernel_hw: tuple[int, int], dilation: tuple[int, int]):
+  """`_windows` of `x [B, H, W, C]` padded by `padding` (negative values crop), in float32."""
+  x = jax.lax.pad(x.astype(jnp.float32), jnp.float32(0), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
+  # Padded once: otherwise XLA fuses the pad into each of the 25 slices and writes every window out.
+  return _windows(jax.lax.optimization_barrier(x), kernel_hw, dilation)
 
 
 def _shifted_sum(x: jax.Array, kernel: jax.Array, padding: tuple, dilation: tuple[int, int]) -> jax.Array:
@@ -240,7 +244,7 @@ def _kernel_grad(x: jax.Array, grad: jax.Array, padding: tuple, kernel_hw: tuple
   products re-reads its window and `grad`, and a block keeps both in cache. Over whole images, XLA:CPU also wrote
   every window out as a full-size copy (YNNPACK's reductions do not fuse slices).
   """
-  (kh, kw), (dh, dw) = kernel_hw, dilation
+  (kh, kw), dh = kernel_hw, dilation[0]
   batch, out_h, out_w, channels = grad.shape
   rows = max(1, min(out_h, block_elements // (batch * out_w * channels)))
   num_blocks = -(-out_h // rows)
@@ -252,8 +256,8 @@ def _kernel_grad(x: jax.Array, grad: jax.Array, padding: tuple, kernel_hw: tuple
   def block(k, total):
     xb = jax.lax.dynamic_slice_in_dim(x, k * rows, rows + dh * (kh - 1), axis=1)
     gb = jax.lax.dynamic_slice_in_dim(g, k * rows, rows, axis=1)
-    return total + jnp.stack([jnp.sum(xb[:, i * dh:i * dh + rows, j * dw:j * dw + out_w] * gb, axis=(0, 1, 2))
-                              for i in range(kh) for j in range(kw)])
+    return total + jnp.stack([jnp.sum(window * gb, axis=(0, 1, 2))
+                              for _, _, window in _windows(xb, kernel_hw, dilation)])
 
   return jax.lax.fori_loop(0, num_blocks, block, jnp.zeros((kh * kw, channels), jnp.float32))
 
