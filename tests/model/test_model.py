@@ -96,6 +96,24 @@ def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding, bl
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
 
 
+@pytest.mark.parametrize("size,rate,padding", [(9, 2, ((2, 2), (2, 2))), (9, 6, ((6, 6), (6, 6))),
+                                               (7, 8, ((8, 8), (8, 8))), (9, 3, ((1, 4), (0, 3)))])
+def test_atrous_conv_matches_lax_with_gradients(size, rate, padding):
+  """The CPU per-tap dilated convolution (taps that read only padding skipped: at rate 8 on 7 pixels all but the
+  centre) equals lax's, value and both gradients, also for asymmetric padding."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size - 1, 5))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
+  kw = dict(rhs_dilation=(rate, rate), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, **kw)))
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(L.atrous_conv_general_dilated), (0, 1))(x, w)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, atol=1e-4)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+  with pytest.raises(ValueError, match="stride-1 dense NHWC"):
+    L.atrous_conv_general_dilated(x, w, (2, 2), padding, **kw)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
   """The fusion boundary on GELU and the depthwise sum is an identity in value (bit for bit) and gradient."""
@@ -110,11 +128,14 @@ def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
                              np.asarray(jax.nn.gelu(jnp.linspace(-4, 4, 17), approximate=False)), atol=1e-6)
 
 
-def test_depthwise_layers_use_shift_and_add_on_cpu():
-  """On CPU, stride-1 depthwise convs avoid XLA's dense kernel gradient (C times the work); others stay lax."""
+def test_cpu_convolution_choice():
+  """On CPU, stride-1 depthwise convs avoid XLA's dense kernel gradient (C times the work) and stride-1 dilated
+  dense convs skip the taps that read padding; others stay lax."""
   rngs = nnx.Rngs(0)
   with nnx.use_eager_sharding(False):
     assert L.conv(8, 8, 5, groups=8, rngs=rngs).conv_general_dilated is L.depthwise_conv_general_dilated
+    assert L.conv(8, 4, 3, dilation=6, rngs=rngs).conv_general_dilated is L.atrous_conv_general_dilated
+    assert L.conv(8, 4, 3, dilation=6, stride=2, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
     assert L.conv(8, 8, 3, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
     assert L.conv(8, 8, 3, stride=2, groups=8, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
 
