@@ -91,7 +91,7 @@ class KMaXBlock(nnx.Module):
 
 class KMaXTransformerDecoder(nnx.Module):
   """`__call__(multi_scale [stride 32, 16, 8 features], panoptic_feature)` -> final predictions and the per-block
-  auxiliary predictions (mask logits and pixel features resized to the final resolution)."""
+  auxiliary predictions (mask logits resized to the final resolution, pixel features at the block's stride)."""
 
   def __init__(self, in_channels: Sequence[int], panoptic_channels: int, num_classes_with_void: int, *,
                num_slots: int = 128, blocks: Sequence[int] = (2, 2, 2), query_ch: int = 256,
@@ -128,9 +128,7 @@ class KMaXTransformerDecoder(nnx.Module):
         aux.append(pred)
         idx += 1
     final = self.predictor(self.mask_proj(centres), self.class_proj(centres), panoptic)
+    # Pixel features stay at the block's stride: the losses read 4096 of their pixels (`L.sample_bilinear`).
     size = final["mask_logits"].shape[1:3]
-    align = size[0] % 2 == 1
-    aux = tuple({"class_logits": a["class_logits"],
-                 "mask_logits": L.resize_bilinear(a["mask_logits"], size, align),
-                 "pixel_feature": L.resize_bilinear(a["pixel_feature"], size, align)} for a in aux)
+    aux = tuple({**a, "mask_logits": L.resize_bilinear(a["mask_logits"], size)} for a in aux)
     return final, aux

@@ -9,8 +9,9 @@ Output contract (`KMaXDeepLab.__call__`), with K = num_classes (the void class i
     "class_logits":  [B, N, K + 1]   per-slot class logits, last = void
     "mask_logits":   [B, h, w, N]    per-pixel slot logits at the output stride
     "pixel_feature": [B, h, w, E]    L2-normalised pixel embedding (E = 128) at the output stride
-    "aux_outputs":   tuple of one dict per transformer block (6), same three keys and shapes (mask logits and
-                     pixel features bilinearly resized, align-corners for odd sizes, to [h, w]); deep supervision
+    "aux_outputs":   tuple of one dict per transformer block (6), same three keys; deep supervision. Mask logits
+                     are bilinearly resized to [h, w] (`layers.resize_bilinear`); pixel features stay at the
+                     block's stride (32, 16, 8), the losses upsample them only at the pixels they sample
     "semantic_logits": [B, hs, ws, K + 1]   auxiliary semantic logits, only while training (`model.train()`) and
                      when the preset has a semantic head (stride 4 for the COCO decoder, 32 for the Cityscapes head)
 

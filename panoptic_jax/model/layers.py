@@ -450,20 +450,25 @@ class Dropout(nnx.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
-  """[out, in] bilinear interpolation weights (PyTorch semantics for both align_corners settings)."""
-  m = np.zeros((out_size, in_size), np.float32)
-  if in_size == 1:
-    m[:, 0] = 1.0
-    return m
+def _interp_taps(in_size: int, out_size: int, align_corners: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Bilinear taps per output position (PyTorch semantics for both align_corners settings): `(lo, hi, frac)`, each
+  `[out]`; output `o` is `(1 - frac[o]) * x[lo[o]] + frac[o] * x[hi[o]]`."""
   dst = np.arange(out_size, dtype=np.float64)
-  if align_corners:
+  if in_size == 1:
+    src = np.zeros_like(dst)
+  elif align_corners:
     src = dst * ((in_size - 1) / (out_size - 1)) if out_size > 1 else np.zeros_like(dst)
   else:
     src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
-  frac = (src - lo).astype(np.float32)
+  return lo.astype(np.int32), hi.astype(np.int32), (src - lo).astype(np.float32)
+
+
+def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """[out, in] bilinear interpolation weights (`_interp_taps` as a matrix)."""
+  lo, hi, frac = _interp_taps(in_size, out_size, align_corners)
+  m = np.zeros((out_size, in_size), np.float32)
   np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
   np.add.at(m, (np.arange(out_size), hi), frac)
   return m
@@ -507,6 +512,36 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool | Non
   if align_corners is None:
     align_corners = (x.shape[2] % 2 == 1)
   return _resize_axis(_resize_axis(x, 1, h, align_corners), 2, w, align_corners)
+
+
+def sample_bilinear(x: jax.Array, rows: jax.Array, cols: jax.Array, size: Sequence[int],
+                    align_corners: bool | None = None) -> jax.Array:
+  """`resize_bilinear(x, size, align_corners)[b, rows[b, k], cols[b, k]]` -> `[B, K, C]`, without the resized map.
+
+  For `x [B, H, W, C]` and integer `rows`, `cols [B, K]` on the `size` grid: four gathers of `x` and the same
+  interpolation weights as `resize_bilinear` (rows first, then columns). The kMaX losses read 4096 pixels of each
+  auxiliary pixel embedding: this skips resizing 21x21 (or 41, 81) maps to 161x161 and the gradient of that resize.
+  """
+  batch, height, width, channels = x.shape
+  if (height, width) == tuple(size):
+    return jnp.take_along_axis(x.reshape(batch, height * width, channels), (rows * width + cols)[..., None], axis=1)
+  if align_corners is None:
+    align_corners = (width % 2 == 1)
+  row_taps = [jnp.asarray(t)[rows] for t in _interp_taps(height, int(size[0]), align_corners)]
+  col_taps = [jnp.asarray(t)[cols] for t in _interp_taps(width, int(size[1]), align_corners)]
+  flat = x.reshape(batch, height * width, channels)
+
+  def pixel(r, c):
+    return jnp.take_along_axis(flat, (r * width + c)[..., None], axis=1)
+
+  def along_rows(c):
+    lo, hi, frac = row_taps
+    frac = frac[..., None].astype(x.dtype)
+    return pixel(lo, c) * (1 - frac) + pixel(hi, c) * frac
+
+  lo, hi, frac = col_taps
+  frac = frac[..., None].astype(x.dtype)
+  return along_rows(lo) * (1 - frac) + along_rows(hi) * frac
 
 
 def maybe_remat(module: nnx.Module, enabled: bool, *args):

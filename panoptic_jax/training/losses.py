@@ -10,7 +10,8 @@ Inputs (all static shapes; B images, N predicted mask slots, M ground-truth slot
     "class_logits":  [B, N, C + 1] float  per-slot class logits, void last,
     "pixel_feature": [B, h, w, D] float   pixel embeddings (L2-normalised here again; harmless if already),
     "semantic_logits": [B, hs, ws, C or C + 1] float   optional auxiliary semantic head (final output only),
-    "aux_outputs": [dict with mask_logits, class_logits, pixel_feature, ...]   optional deep supervision,
+    "aux_outputs": [dict with mask_logits, class_logits, pixel_feature, ...]   optional deep supervision (mask
+                   logits at [h, w]; pixel features may be coarser: upsampled at the sampled pixels only),
   }
   batch = {
     "slot_ids":     [B, H, W] int   ground-truth slot (0..M-1) of every pixel; -1 = void (ignore),
@@ -47,6 +48,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from panoptic_jax.model import layers as L
 from panoptic_jax.training.matching import linear_sum_assignment
 
 __all__ = ["LossConfig", "kmax_losses", "match_final_output", "MatchTargets", "strided_downsample"]
@@ -250,21 +252,26 @@ _similarity_logsumexp.defvjp(_similarity_logsumexp_fwd, _similarity_logsumexp_bw
 
 def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets, rng: jax.Array,
                                  sample_k: int = 4096, sample_temperature: float = 1.5,
-                                 similarity_temperature: float = 0.3) -> jax.Array:
+                                 similarity_temperature: float = 0.3,
+                                 grid_hw: tuple[int, int] | None = None) -> jax.Array:
   """Pixel-wise instance discrimination on Gumbel-top-k sampled pixels (small masks sampled more often).
 
   Per sampled pixel k (non-void), with similarities `s_kj = f_k . f_j / T` and target `t_kj = [id_j == id_k] / n_k`
   (n_k sampled pixels share k's mask): `CE_k = logsumexp_j s_kj - sum_j t_kj s_kj`, and the second term is
   `f_k . (sum of the sampled features of k's mask) / (T n_k)`. So only the log-sum-exp needs the `[K, K]`
   similarities; the target matrix is never built (same value as the dense soft-target cross-entropy).
+
+  Pixels are sampled on the `grid_hw` grid of the masks (default: the feature's own size). Coarser features (the
+  auxiliary outputs') are upsampled bilinearly (`layers.resize_bilinear`'s rule) at the sampled pixels only, and
+  features are L2-normalised after sampling: the same values as resizing and normalising the whole map first.
   """
-  b, h, w, d = pixel_feature.shape
+  b, fh, fw, d = pixel_feature.shape
+  h, w = grid_hw or (fh, fw)
   p = h * w
   gt_masks = targets.gt_masks
   if gt_masks.shape[1] != p:
-    raise ValueError(f"pixel_feature has {h}x{w} pixels but the mask logits have {gt_masks.shape[1]}")
-  feature = pixel_feature.astype(jnp.float32).reshape(b, p, d)
-  feature = feature / jnp.maximum(jnp.linalg.norm(feature, axis=-1, keepdims=True), 1e-12)
+    raise ValueError(f"instance discrimination: the pixel grid is {h}x{w} but the masks have {gt_masks.shape[1]} "
+                     f"pixels")
   area = jnp.sum(gt_masks, axis=1)  # [B, M]
   pixel_area = jnp.einsum("bpm,bm->bp", gt_masks, area)
   logits = jnp.log(p / jnp.maximum(pixel_area, 1.0)) * sample_temperature
@@ -273,12 +280,14 @@ def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets
   mask_id = jnp.where(jnp.sum(gt_masks, axis=-1) > 0, jnp.argmax(gt_masks, axis=-1), -1)  # [B, P]
   if sample_k >= p:
     # Every pixel is taken: the loss does not depend on the order of the samples, so skip top-k and gathers.
-    ids, feat = mask_id, feature
+    ids, feat = mask_id, L.resize_bilinear(pixel_feature, (h, w)).reshape(b, p, d)
   else:
     gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(logits + gumbel), sample_k)  # [B, K]
     ids = jnp.take_along_axis(mask_id, idx, axis=1)  # [B, K]
-    feat = jnp.take_along_axis(feature, idx[..., None], axis=1)  # [B, K, D]
+    feat = L.sample_bilinear(pixel_feature, idx // w, idx % w, (h, w))  # [B, K, D]
+  feat = feat.astype(jnp.float32)
+  feat = feat / jnp.maximum(jnp.linalg.norm(feat, axis=-1, keepdims=True), 1e-12)
   member = jax.nn.one_hot(ids, gt_masks.shape[-1], dtype=jnp.float32)  # [B, K, M]; void pixels -> zeros.
   mask_sum = jnp.einsum("bkm,bkd->bmd", member, feat)  # [B, M, D] sampled features summed per mask.
   same = jnp.einsum("bkd,bkm,bmd->bk", feat, member, mask_sum)  # sum_j [id_j == id_k] f_k . f_j
@@ -348,7 +357,7 @@ def kmax_losses(outputs: Mapping[str, Any], batch: Mapping[str, jax.Array], weig
     if weights.instance_weight and "pixel_feature" in out:
       terms["instance"] += weights.instance_weight * instance_discrimination_loss(
           out["pixel_feature"], targets, key, weights.instance_sample_k, weights.instance_temperature,
-          weights.instance_similarity_temperature)
+          weights.instance_similarity_temperature, grid_hw=final_hw)
   if weights.semantic_weight and outputs.get("semantic_logits") is not None:
     num_classes = outputs["class_logits"].shape[-1] - 1
     terms["semantic"] = weights.semantic_weight * semantic_loss(

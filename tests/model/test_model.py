@@ -76,6 +76,27 @@ def test_resize_align_corners_matches_interpolation_matrix(size_in, size_out):
   np.testing.assert_allclose(np.asarray(y), np.einsum("oh,pw,bhwc->bopc", mh, mw, np.asarray(x)), atol=1e-5)
 
 
+@pytest.mark.parametrize("size_in,size_out,align", [((6, 9), (21, 33), True), ((3, 4), (9, 10), None),
+                                                   ((5, 6), (12, 9), False), ((4, 4), (4, 4), None)])
+def test_sample_bilinear_reads_the_resized_map(size_in, size_out, align):
+  """Sampling pixels of the upsampled grid equals resizing the whole map and gathering them (both align-corners
+  settings, integer and other factors, equal sizes), with the same gradient."""
+  x = jax.random.normal(jax.random.key(0), (2, *size_in, 3))
+  rows = jax.random.randint(jax.random.key(1), (2, 17), 0, size_out[0])
+  cols = jax.random.randint(jax.random.key(2), (2, 17), 0, size_out[1])
+
+  def gathered(x):
+    full = L.resize_bilinear(x, size_out, align)
+    return full[jnp.arange(2)[:, None], rows, cols]
+
+  got = L.sample_bilinear(x, rows, cols, size_out, align)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(gathered(x)), atol=1e-6)
+  weights = jax.random.normal(jax.random.key(3), got.shape)
+  g_got = jax.grad(lambda x: jnp.sum(L.sample_bilinear(x, rows, cols, size_out, align) * weights))(x)
+  g_want = jax.grad(lambda x: jnp.sum(gathered(x) * weights))(x)
+  np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel,dilation,padding", [(5, 1, ((2, 2), (2, 2))), (3, 2, ((2, 2), (2, 2))),
                                                      (3, 1, ((0, 2), (1, 0)))])
 @pytest.mark.parametrize("block_rows", [None, 1, 2])
@@ -211,8 +232,11 @@ def test_tiny_train_then_eval(tiny):
   assert out["pixel_feature"].shape == (2, h, h, cfg.embed_dim)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out["pixel_feature"]), axis=-1), 1.0, rtol=1e-4)
   assert len(out["aux_outputs"]) == sum(cfg.decoder_blocks)
-  for aux in out["aux_outputs"]:
+  strides = [s for s, blocks in zip((32, 16, 8), cfg.decoder_blocks) for _ in range(blocks)]
+  for aux, stride in zip(out["aux_outputs"], strides):
     assert aux["mask_logits"].shape == (2, h, h, n) and aux["class_logits"].shape == (2, n, NUM_CLASSES + 1)
+    side = (SIZE - 1) // stride + 1  # Pixel features stay at the block's stride (the losses sample them).
+    assert aux["pixel_feature"].shape == (2, side, side, cfg.embed_dim)
   assert out["semantic_logits"].shape == (2, h, h, NUM_CLASSES + 1)
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(out))
   stats1 = jax.tree.map(np.asarray, nnx.state(tiny, nnx.BatchStat))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment as scipy_lsa
 
+from panoptic_jax.model import layers
 from panoptic_jax.training import losses as L
 
 CFG = L.LossConfig()
@@ -141,6 +142,23 @@ def test_gradients_finite_and_nonzero():
     g = np.asarray(g)
     assert np.all(np.isfinite(g)), path
     assert np.abs(g).max() > 0, path
+
+
+@pytest.mark.parametrize("sample_k", [16, 4096])
+def test_coarse_auxiliary_pixel_features_equal_resized_ones(sample_k):
+  """Auxiliary pixel features at a coarser stride (upsampled at the sampled pixels only) give the loss and the
+  gradient of features resized to the mask grid first; with sample_k >= pixels, every pixel is taken."""
+  outputs, batch = _random_problem(3, h=9, w=9)
+  coarse = [jnp.asarray(np.random.default_rng(i).normal(size=(2, 3, 3, 8)), jnp.float32) for i in range(2)]
+  cfg = L.LossConfig(instance_sample_k=sample_k)
+  loss = lambda features, resize: L.kmax_losses(
+      dict(outputs, aux_outputs=[dict(a, pixel_feature=resize(f)) for a, f in zip(outputs["aux_outputs"], features)]),
+      batch, cfg, jax.random.key(4))[1]["instance"]
+  want = jax.value_and_grad(loss)(coarse, lambda f: layers.resize_bilinear(f, (9, 9)))
+  got = jax.value_and_grad(loss)(coarse, lambda f: f)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-5)
 
 
 def test_slot_permutation_invariance():
