@@ -474,6 +474,11 @@ def _interp_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarr
   return m
 
 
+def _lerp(low: jax.Array, high: jax.Array, frac: jax.Array) -> jax.Array:
+  """`low (1 - frac) + high frac`: the one bilinear step every resize and sample here is made of."""
+  return low * (1 - frac) + high * frac
+
+
 def _upsample_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array:
   """Align-corners bilinear upsampling along `axis` by the integer factor r = (out - 1) / (in - 1): output
   `r * k + t` is `x[k] + (t / r) (x[k + 1] - x[k])`. Elementwise (2 multiply-adds per output) where the
@@ -484,7 +489,7 @@ def _upsample_align_corners(x: jax.Array, axis: int, out_size: int) -> jax.Array
   hi = jax.lax.slice_in_dim(x, 1, n, axis=axis)
   frac = jnp.arange(r, dtype=jnp.float32) / r
   frac = frac.reshape((r,) + (1,) * (x.ndim - axis - 1)).astype(x.dtype)
-  steps = jnp.expand_dims(lo, axis + 1) * (1 - frac) + jnp.expand_dims(hi, axis + 1) * frac  # [.., n-1, r, ..]
+  steps = _lerp(jnp.expand_dims(lo, axis + 1), jnp.expand_dims(hi, axis + 1), frac)  # [.., n-1, r, ..]
   steps = steps.reshape(x.shape[:axis] + ((n - 1) * r,) + x.shape[axis + 1:])
   return jnp.concatenate([steps, jax.lax.slice_in_dim(x, n - 1, n, axis=axis)], axis=axis)
 
@@ -527,21 +532,12 @@ def sample_bilinear(x: jax.Array, rows: jax.Array, cols: jax.Array, size: Sequen
     return jnp.take_along_axis(x.reshape(batch, height * width, channels), (rows * width + cols)[..., None], axis=1)
   if align_corners is None:
     align_corners = (width % 2 == 1)
-  row_taps = [jnp.asarray(t)[rows] for t in _interp_taps(height, int(size[0]), align_corners)]
-  col_taps = [jnp.asarray(t)[cols] for t in _interp_taps(width, int(size[1]), align_corners)]
+  (r0, r1, fr), (c0, c1, fc) = ([jnp.asarray(t)[index] for t in _interp_taps(n, int(out), align_corners)]
+                                for n, out, index in ((height, size[0], rows), (width, size[1], cols)))
+  fr, fc = fr[..., None].astype(x.dtype), fc[..., None].astype(x.dtype)
   flat = x.reshape(batch, height * width, channels)
-
-  def pixel(r, c):
-    return jnp.take_along_axis(flat, (r * width + c)[..., None], axis=1)
-
-  def along_rows(c):
-    lo, hi, frac = row_taps
-    frac = frac[..., None].astype(x.dtype)
-    return pixel(lo, c) * (1 - frac) + pixel(hi, c) * frac
-
-  lo, hi, frac = col_taps
-  frac = frac[..., None].astype(x.dtype)
-  return along_rows(lo) * (1 - frac) + along_rows(hi) * frac
+  pixel = lambda r, c: jnp.take_along_axis(flat, (r * width + c)[..., None], axis=1)
+  return _lerp(_lerp(pixel(r0, c0), pixel(r1, c0), fr), _lerp(pixel(r0, c1), pixel(r1, c1), fr), fc)
 
 
 def maybe_remat(module: nnx.Module, enabled: bool, *args):
