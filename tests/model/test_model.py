@@ -135,6 +135,25 @@ def test_atrous_conv_matches_lax_with_gradients(size, rate, padding):
     L.atrous_conv_general_dilated(x, w, (2, 2), padding, **kw)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))),
+                                                   (7, 2, ((3, 3), (3, 3))), (3, 1, ((0, 2), (1, 0))),
+                                                   (2, 2, "VALID"), (3, 2, "SAME")])
+def test_im2col_grad_conv_matches_lax_with_gradients(kernel, stride, padding):
+  """The CPU dense convolution with the im2col kernel gradient equals lax's, value and both gradients: stride 1 and
+  2, the 7x7 stem, asymmetric padding, ConvNeXt's patchify ("VALID") and string padding."""
+  x = jax.random.normal(jax.random.key(0), (2, 11, 10, 3))
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4))
+  kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding, **kw)))
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(L.im2col_grad_conv_general_dilated), (0, 1))(x, w)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, atol=1e-4)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+  with pytest.raises(ValueError, match="dense undilated NHWC"):
+    L.im2col_grad_conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=(2, 2), **kw)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
   """The fusion boundary on GELU and the depthwise sum is an identity in value (bit for bit) and gradient."""
@@ -150,14 +169,16 @@ def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
 
 
 def test_cpu_convolution_choice():
-  """On CPU, stride-1 depthwise convs avoid XLA's dense kernel gradient (C times the work) and stride-1 dilated
-  dense convs skip the taps that read padding; others stay lax."""
+  """On CPU, stride-1 depthwise convs avoid XLA's dense kernel gradient (C times the work), stride-1 dilated
+  dense convs skip the taps that read padding, undilated dense convs take an im2col kernel gradient; others stay
+  lax."""
   rngs = nnx.Rngs(0)
   with nnx.use_eager_sharding(False):
     assert L.conv(8, 8, 5, groups=8, rngs=rngs).conv_general_dilated is L.depthwise_conv_general_dilated
     assert L.conv(8, 4, 3, dilation=6, rngs=rngs).conv_general_dilated is L.atrous_conv_general_dilated
     assert L.conv(8, 4, 3, dilation=6, stride=2, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
-    assert L.conv(8, 8, 3, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
+    assert L.conv(8, 8, 3, rngs=rngs).conv_general_dilated is L.im2col_grad_conv_general_dilated
+    assert L.conv(3, 8, 7, stride=2, rngs=rngs).conv_general_dilated is L.im2col_grad_conv_general_dilated
     assert L.conv(8, 8, 3, stride=2, groups=8, rngs=rngs).conv_general_dilated is jax.lax.conv_general_dilated
 
 
