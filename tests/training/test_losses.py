@@ -251,9 +251,13 @@ def test_padding_images_are_left_out():
     assert padded[k] == pytest.approx(single[k], rel=1e-5), k
 
 
-def test_similarity_logsumexp_gradient_is_autodiffs():
-  # The instance-discrimination normaliser's written-out gradient equals autodiff's.
+@pytest.mark.parametrize("unit_norm", [False, True])
+def test_similarity_logsumexp_gradient_is_autodiffs(unit_norm):
+  # The instance-discrimination normaliser (shifted by the largest similarity) and its written-out gradient equal
+  # autodiff's plain logsumexp, for the loss's unit-norm features and for others.
   x = jax.random.normal(jax.random.key(0), (2, 7, 5))
+  if unit_norm:
+    x = x / jnp.linalg.norm(x, axis=-1, keepdims=True)
   cotangent = jax.random.normal(jax.random.key(1), (2, 7))
   plain = lambda v: jax.nn.logsumexp(jnp.einsum("bkd,bjd->bkj", v, v) / 0.3, axis=-1)
   value, vjp = jax.vjp(lambda v: L._similarity_logsumexp(v, 0.3), x)
