@@ -102,10 +102,12 @@ def test_sample_bilinear_reads_the_resized_map(size_in, size_out, align):
 @pytest.mark.parametrize("block_rows", [None, 1, 2])
 def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding, block_rows, monkeypatch):
   """The CPU shift-and-add depthwise convolution and its hand-written gradients equal lax's grouped convolution,
-  also when the kernel gradient is summed over blocks of 1 or 2 rows (the last one padded)."""
+  also when training's forward and the kernel gradient run over blocks of 1 or 2 rows (the kernel gradient's last
+  block padded)."""
   if block_rows is not None:
     out_w = 7 + sum(padding[1]) - dilation * (kernel - 1)
     monkeypatch.setattr(L, "_kernel_grad", functools.partial(L._kernel_grad, block_elements=2 * out_w * 6 * block_rows))
+    monkeypatch.setattr(L, "_TRAIN_BLOCK_ELEMENTS", 2 * out_w * 6 * block_rows)
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
   kw = dict(rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
@@ -113,6 +115,7 @@ def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding, bl
   want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
   got = jax.value_and_grad(loss(L.depthwise_conv_general_dilated), (0, 1))(x, w)
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  np.testing.assert_allclose(float(loss(L.depthwise_conv_general_dilated)(x, w)), float(want[0]), rtol=1e-5)
   for g, e in zip(got[1], want[1]):
     np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
 
