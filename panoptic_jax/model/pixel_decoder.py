@@ -195,10 +195,13 @@ class PixelDecoder(nnx.Module):
 
   def __call__(self, features: dict[int, jax.Array]):
     outs = []
-    x = self.in_norms[0](features[self.strides[0]])
+    # The LayerNorms' backward stays out of the YNNPACK fusions of the matmuls around it (see ynn_grad_boundary).
+    normed = [L.ynn_grad_boundary(norm(L.ynn_grad_boundary(features[s])))
+              for norm, s in zip(self.in_norms, self.strides)]
+    x = normed[0]
     for i in range(len(self.strides)):
       if i > 0:
-        x = self.fuses[i - 1](x, self.in_norms[i](features[self.strides[i]]))
+        x = self.fuses[i - 1](x, normed[i])
       x = L.maybe_remat(self.stages[i], self.remat, x)
       outs.append(x)
     return outs[-1], outs[:3]

@@ -159,13 +159,18 @@ def test_im2col_grad_conv_matches_lax_with_gradients(kernel, stride, padding):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_ynn_boundary_changes_no_bit_and_passes_gradients(dtype):
-  """The fusion boundary on GELU and the depthwise sum is an identity in value (bit for bit) and gradient."""
+  """The fusion boundaries (forward: GELU, the depthwise sum; backward: the decoder's LayerNorms) are identities in
+  value (bit for bit) and gradient."""
   x = jax.random.normal(jax.random.key(0), (4, 33), dtype) * 100
   y = jax.jit(L.ynn_boundary)(x)
   assert y.dtype == dtype
   np.testing.assert_array_equal(np.asarray(y).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32),
                                 np.asarray(x).view(np.uint16 if dtype == jnp.bfloat16 else np.uint32))
   g = jax.grad(lambda v: jnp.sum(jnp.sin(L.ynn_boundary(v).astype(jnp.float32))))(x)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.cos(x.astype(jnp.float32)).astype(dtype)))
+  # Its backward-only form: identity in value and gradient too.
+  np.testing.assert_array_equal(np.asarray(jax.jit(L.ynn_grad_boundary)(x)), np.asarray(x))
+  g = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(L.ynn_grad_boundary(v).astype(jnp.float32)))))(x)
   np.testing.assert_array_equal(np.asarray(g), np.asarray(jnp.cos(x.astype(jnp.float32)).astype(dtype)))
   np.testing.assert_allclose(np.asarray(L.gelu(jnp.linspace(-4, 4, 17))),
                              np.asarray(jax.nn.gelu(jnp.linspace(-4, 4, 17), approximate=False)), atol=1e-6)

@@ -1,0 +1,126 @@
+"""Benchmark: the CPU convolution formulations in `panoptic_jax/model/layers.py` against lax, forward and backward.
+
+    python bench/conv.py [--rounds 7]
+
+Rows, at the shapes of kmax_r50_coco's 641 x 641 train step (batch 2):
+- Dense convolutions (ResNet-50's 7x7 stem and 3x3 convolutions of every stage, stride 1 and 2): the forward plus
+  both gradients with `lax.conv_general_dilated` against `layers.im2col_grad_conv_general_dilated` (lax's forward
+  and input gradient, the kernel gradient as one matmul over the im2col patches).
+- Depthwise 5x5 + affine + GELU + 1x1 (the kMaX predictor's pixel head): forward alone and forward + backward, with
+  training's forward as one fused loop over whole images against the blocked loop (`layers._TRAIN_BLOCK_ELEMENTS`).
+
+Each cell is the median of `--rounds` calls after a warm-up call. The two variants of a row are timed alternately,
+so a drift of this shared machine's speed affects both. Values and gradients are checked equal (relative 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import common  # noqa: E402
+from panoptic_jax import huge_pages  # noqa: E402
+from panoptic_jax.model import layers as L  # noqa: E402
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+# (name, input side, in channels, out channels, kernel, stride) at a 641 crop, batch 2.
+DENSE = [("stem 7x7", 641, 3, 64, 7, 2), ("stage 1 3x3", 161, 64, 64, 3, 1), ("stage 2 3x3", 81, 128, 128, 3, 1),
+         ("stage 3 3x3", 41, 256, 256, 3, 1), ("stage 4 3x3", 21, 512, 512, 3, 1),
+         ("stage 2 3x3 stride 2", 161, 128, 128, 3, 2), ("stage 3 3x3 stride 2", 81, 256, 256, 3, 2),
+         ("stage 4 3x3 stride 2", 41, 512, 512, 3, 2)]
+
+
+def _time_alternately(fns, args, rounds: int) -> list[float]:
+  """Median milliseconds of each jitted fn, calls interleaved round by round."""
+  for f in fns:
+    jax.block_until_ready(f(*args))
+  times = [[] for _ in fns]
+  for _ in range(rounds):
+    for f, t in zip(fns, times):
+      start = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      t.append(time.perf_counter() - start)
+  return [float(np.median(t)) * 1e3 for t in times]
+
+
+def _check(a, b) -> None:
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    scale = float(jnp.max(jnp.abs(y))) or 1.0
+    if float(jnp.max(jnp.abs(x - y))) > 1e-4 * scale:
+      raise AssertionError("the two formulations disagree")
+
+
+def dense_rows(rounds: int) -> list[list]:
+  rows = []
+  for name, side, cin, cout, k, stride in DENSE:
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (2, side, side, cin))
+    w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+
+    def step(conv, x, w):
+      return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), pad,
+                                                                    dimension_numbers=NHWC))), (0, 1))(x, w)
+
+    lax_step = jax.jit(functools.partial(step, jax.lax.conv_general_dilated))
+    ours = jax.jit(functools.partial(step, L.im2col_grad_conv_general_dilated))
+    _check(ours(x, w), lax_step(x, w))
+    t_lax, t_ours = _time_alternately([lax_step, ours], (x, w), rounds)
+    gflop = 3 * 2 * 2 * ((side - 1) // stride + 1) ** 2 * k * k * cin * cout / 1e9
+    rows.append([f"{name}, {side}x{side}, {cin}->{cout}", f"{gflop:.1f}", f"{t_lax:.1f}", f"{t_ours:.1f}",
+                 f"{t_lax / t_ours:.2f}x"])
+  return rows
+
+
+def depthwise_rows(rounds: int) -> list[list]:
+  x = jax.random.normal(jax.random.key(0), (2, 161, 161, 256))
+  kernel = jax.random.normal(jax.random.key(1), (5, 5, 1, 256)) * 0.1
+  w = jax.random.normal(jax.random.key(2), (256, 256)) * 0.05
+
+  def head(x, kernel, w):
+    y = L.depthwise_conv_general_dilated(x, kernel, (1, 1), ((2, 2), (2, 2)), feature_group_count=256)
+    return jnp.sum(L._matmul_last_axis(L.gelu(y * 1.1 + 0.2), w) ** 2)
+
+  forward = jax.jit(head)
+  grads = {}
+  for label, block in (("one fused loop", None), ("blocked", L._TRAIN_BLOCK_ELEMENTS)):
+    saved = L._TRAIN_BLOCK_ELEMENTS
+    L._TRAIN_BLOCK_ELEMENTS = block
+    try:
+      grads[label] = jax.jit(jax.value_and_grad(head, (0, 1, 2))).lower(x, kernel, w).compile()
+    finally:
+      L._TRAIN_BLOCK_ELEMENTS = saved
+  _check(grads["blocked"](x, kernel, w), grads["one fused loop"](x, kernel, w))
+  t_fwd, t_whole, t_blocked = _time_alternately([forward, grads["one fused loop"], grads["blocked"]],
+                                                (x, kernel, w), rounds)
+  return [["forward (inference: one fused loop)", f"{t_fwd:.1f}", "", ""],
+          ["forward + backward, training's forward as one fused loop", f"{t_whole:.1f}", "", ""],
+          ["forward + backward, training's forward blocked", f"{t_blocked:.1f}", f"{t_whole / t_blocked:.2f}x", ""]]
+
+
+def main() -> None:
+  huge_pages.relaunch_with_huge_pages()
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=7)
+  args = parser.parse_args()
+  print(common.header("CPU convolutions against lax, forward + backward, batch 2"))
+  print(common.markdown_table(["convolution", "GFLOP fwd+bwd", "lax ms", "im2col kernel gradient ms", "speed-up"],
+                              dense_rows(args.rounds)))
+  print()
+  print(common.markdown_table(["depthwise 5x5 + GELU + 1x1 at 161x161x256", "ms", "speed-up", ""],
+                              depthwise_rows(args.rounds)))
+  print(f"\nload average (1 min) at the end: {common.load_average():.2f}")
+
+
+if __name__ == "__main__":
+  main()
