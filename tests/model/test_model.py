@@ -17,6 +17,7 @@ from panoptic_jax.model.sharding_rules import DEFAULT_AXIS_RULES, param_sharding
 
 NUM_CLASSES = 7
 SIZE = 65  # 32 * 2 + 1
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _images(batch, size=SIZE, seed=0):
@@ -97,6 +98,17 @@ def test_sample_bilinear_reads_the_resized_map(size_in, size_out, align):
   np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-5)
 
 
+def _assert_conv_matches_lax(conv, x, w, strides, padding, **kw):
+  """`conv` equals `lax.conv_general_dilated` in value (differentiated and plain call) and both gradients."""
+  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, strides, padding, dimension_numbers=NHWC, **kw)))
+  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
+  got = jax.value_and_grad(loss(conv), (0, 1))(x, w)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(float(loss(conv)(x, w)), float(want[0]), rtol=1e-5, atol=1e-4)
+  for g, e in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+
+
 @pytest.mark.parametrize("kernel,dilation,padding", [(5, 1, ((2, 2), (2, 2))), (3, 2, ((2, 2), (2, 2))),
                                                      (3, 1, ((0, 2), (1, 0)))])
 @pytest.mark.parametrize("block_rows", [None, 1, 2])
@@ -110,14 +122,8 @@ def test_depthwise_conv_matches_lax_with_gradients(kernel, dilation, padding, bl
     monkeypatch.setattr(L, "_TRAIN_BLOCK_ELEMENTS", 2 * out_w * 6 * block_rows)
   x = jax.random.normal(jax.random.key(0), (2, 9, 7, 6))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
-  kw = dict(rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
-  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, **kw)))
-  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-  got = jax.value_and_grad(loss(L.depthwise_conv_general_dilated), (0, 1))(x, w)
-  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
-  np.testing.assert_allclose(float(loss(L.depthwise_conv_general_dilated)(x, w)), float(want[0]), rtol=1e-5)
-  for g, e in zip(got[1], want[1]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+  _assert_conv_matches_lax(L.depthwise_conv_general_dilated, x, w, (1, 1), padding,
+                           rhs_dilation=(dilation, dilation), feature_group_count=6)
 
 
 @pytest.mark.parametrize("size,rate,padding", [(9, 2, ((2, 2), (2, 2))), (9, 6, ((6, 6), (6, 6))),
@@ -127,15 +133,9 @@ def test_atrous_conv_matches_lax_with_gradients(size, rate, padding):
   centre) equals lax's, value and both gradients, also for asymmetric padding."""
   x = jax.random.normal(jax.random.key(0), (2, size, size - 1, 5))
   w = jax.random.normal(jax.random.key(1), (3, 3, 5, 4))
-  kw = dict(rhs_dilation=(rate, rate), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, **kw)))
-  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-  got = jax.value_and_grad(loss(L.atrous_conv_general_dilated), (0, 1))(x, w)
-  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, atol=1e-4)
-  for g, e in zip(got[1], want[1]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+  _assert_conv_matches_lax(L.atrous_conv_general_dilated, x, w, (1, 1), padding, rhs_dilation=(rate, rate))
   with pytest.raises(ValueError, match="stride-1 dense NHWC"):
-    L.atrous_conv_general_dilated(x, w, (2, 2), padding, **kw)
+    L.atrous_conv_general_dilated(x, w, (2, 2), padding, rhs_dilation=(rate, rate))
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))),
@@ -146,15 +146,9 @@ def test_im2col_grad_conv_matches_lax_with_gradients(kernel, stride, padding):
   2, the 7x7 stem, asymmetric padding, ConvNeXt's patchify ("VALID") and string padding."""
   x = jax.random.normal(jax.random.key(0), (2, 11, 10, 3))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4))
-  kw = dict(dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  loss = lambda conv: lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), padding, **kw)))
-  want = jax.value_and_grad(loss(jax.lax.conv_general_dilated), (0, 1))(x, w)
-  got = jax.value_and_grad(loss(L.im2col_grad_conv_general_dilated), (0, 1))(x, w)
-  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5, atol=1e-4)
-  for g, e in zip(got[1], want[1]):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(e), atol=1e-4)
+  _assert_conv_matches_lax(L.im2col_grad_conv_general_dilated, x, w, (stride, stride), padding)
   with pytest.raises(ValueError, match="dense undilated NHWC"):
-    L.im2col_grad_conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=(2, 2), **kw)
+    L.im2col_grad_conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=(2, 2))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
