@@ -396,7 +396,7 @@ def im2col_grad_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_stri
   strides and padding, no dilation. Why: XLA:CPU computes a convolution's kernel gradient as a convolution of the
   input with the output gradient, after transposing both to `[C, H, W, B]`, at 10-25 GFLOP/s. One matmul over the
   im2col patches runs at the matmul rate: fwd + bwd of ResNet-50's 7x7 stem at 641 (3 input channels) 636 -> 194 ms,
-  its 3x3 convs 1.2-2.1x faster at every stage (`bench/conv.py`). The patches are a transient `kh * kw` times the
+  its 3x3 convs 1.1-2.6x faster at every stage (`bench/conv.py`). The patches are a transient `kh * kw` times the
   input. Only used on CPU (see `conv`).
 
   Args:
