@@ -71,14 +71,15 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
           for k, v in local_batch.items() if isinstance(v, np.ndarray) and v.dtype.kind in "biuf"}
 
 
-def compile_together(jitted, *args, name: str):
-  """Compiles `jitted` for `args` ahead of time, then waits until every process has compiled it.
+def compile_together(jitted, *args, name: str, compiler_options: dict[str, str] | None = None):
+  """Compiles `jitted` for `args` (with XLA `compiler_options`) ahead of time, then waits until every process has
+  compiled it.
 
   Processes compile at different speeds; the first collective of a step would otherwise wait for the slowest
   compile inside its transport (gloo on CPU gives up after a fixed 30 s). The barrier is on the coordination
   service instead, with a generous timeout.
   """
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args).compile(compiler_options)
   if jax.process_count() > 1:
     from jax._src import distributed  # The coordination-service client; public JAX has no barrier API for it.
 

@@ -127,6 +127,20 @@ def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: 
   return new_state, metrics
 
 
+def train_step_compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
+  """XLA options for compiling the train step on `mesh`'s devices (`sharding.compile_together`).
+
+  On CPU: the memory-optimised HLO scheduler. XLA:CPU's default order maximises how many independent ops can run at
+  once, but on a few cores concurrent ops only share them (in the profiled R50 641 step, elementwise ops that take
+  2 ms alone took up to 40 ms), and the memory-optimised order reuses buffers sooner. R50 641 batch 2, the two
+  compiled side by side and stepped alternately: 0.6-4.3% faster per step in three runs, 9% less temporary memory
+  (6.85 -> 6.22 GB); BENCHMARKS.md. Inference keeps the default order: its forward ran 16% slower with this one.
+  """
+  if mesh.devices.flat[0].platform == "cpu":
+    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+  return None
+
+
 def _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh):
   step = functools.partial(train_step, model_def, tx, schedule, loss_config)
   return jax.jit(step, in_shardings=(shardings, None, sharding.replicated(mesh)),
@@ -241,7 +255,8 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
       rng = jax.random.fold_in(base_rng, step)  # A function of the step: resumed runs draw the same samples.
       try:
         if compiled is None:
-          compiled = sharding.compile_together(step_fn, state, batch, rng, name=f"train_step_{step}")
+          compiled = sharding.compile_together(step_fn, state, batch, rng, name=f"train_step_{step}",
+                                                compiler_options=train_step_compiler_options(mesh))
           progress.restart(step)
         state, metrics = compiled(state, batch, rng)
       except Exception as e:  # XLA reports out-of-memory as a generic runtime error.
