@@ -8,8 +8,8 @@
 
 Everything goes through `panoptic_jax.training.train`: `create_state` (state initialised in its shardings),
 `optim.make_optimizer` and `losses.LossConfig` from configs/coco.py, and `_compiled_train_step` compiled with
-`sharding.compile_together` and `train_step_compiler_options`, exactly as the training loop does (state donated,
-batch sharded over the mesh).
+`train.compile_train_step`, exactly as the training loop does (state donated, batch sharded over the mesh, the
+step's XLA options).
 
 Part 1, throughput: `--size` crops (641) at global batch `--batch` (2) from `panoptic_jax.data.pipeline` reading a
 synthetic dataset written to a temporary folder (rendered at --render_size, then the COCO recipe's resize-to-crop and
@@ -153,8 +153,7 @@ def bench_throughput(base: ml_collections.ConfigDict, args: argparse.Namespace, 
   batches = [sharding.global_batch(b, mesh) for b in local]
   base_rng = jax.random.key(config.seed)
   t = time.perf_counter()
-  compiled = sharding.compile_together(step_fn, state, batches[0], jax.random.fold_in(base_rng, 0), name="bench",
-                                        compiler_options=train.train_step_compiler_options(mesh))
+  compiled = train.compile_train_step(step_fn, mesh, state, batches[0], jax.random.fold_in(base_rng, 0), name="bench")
   compile_s = time.perf_counter() - t
   gflop, memory = common.compiled_gflop(compiled), common.compiled_memory_gb(compiled)
   times, rates, losses_seen = [], [], []
@@ -227,8 +226,7 @@ def bench_memory(base: ml_collections.ConfigDict, args: argparse.Namespace) -> l
       config = recipe(base, args.preset, args.memory_size, per_device * num_shards, variant)
       batch = abstract_batch(batch_spec(config.train.batch_size, args.memory_size, model_def.arch), mesh)
       t = time.perf_counter()
-      compiled = sharding.compile_together(step_fn, state, batch, jax.random.key(0), name="bench_memory",
-                                            compiler_options=train.train_step_compiler_options(mesh))
+      compiled = train.compile_train_step(step_fn, mesh, state, batch, jax.random.key(0), name="bench_memory")
       compile_s = time.perf_counter() - t
       results.append({"variant": variant, "per_device": per_device, "size": args.memory_size,
                       "global_batch": config.train.batch_size, "compile_s": compile_s,
@@ -303,9 +301,8 @@ def bench_breakdown(base: ml_collections.ConfigDict, args: argparse.Namespace) -
   mesh = sharding.make_mesh(base.mesh.data, base.mesh.fsdp)
   step_fn, model_def, step_state, _ = make_step(recipe(base, args.preset, args.size, args.batch, "plain"),
                                                 args.num_classes, mesh)
-  compiled = sharding.compile_together(step_fn, abstract_state(step_state), abstract_batch(
-      batch_spec(args.batch, args.size, model_def.arch), mesh), jax.random.key(0), name="bench_breakdown",
-      compiler_options=train.train_step_compiler_options(mesh))
+  compiled = train.compile_train_step(step_fn, mesh, abstract_state(step_state), abstract_batch(
+      batch_spec(args.batch, args.size, model_def.arch), mesh), jax.random.key(0), name="bench_breakdown")
   results.append({"part": "whole train step (with the optimizer)", "forward": float("nan"),
                   "forward_backward": common.compiled_gflop(compiled)})
   return results

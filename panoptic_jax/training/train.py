@@ -127,8 +127,8 @@ def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: 
   return new_state, metrics
 
 
-def train_step_compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
-  """XLA options for compiling the train step on `mesh`'s devices (`sharding.compile_together`).
+def _train_step_compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
+  """XLA options for compiling the train step on `mesh`'s devices.
 
   On CPU: the memory-optimised HLO scheduler. XLA:CPU's default order maximises how many independent ops can run at
   once, but on a few cores concurrent ops only share them (in the profiled R50 641 step, elementwise ops that take
@@ -139,6 +139,13 @@ def train_step_compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | Non
   if mesh.devices.flat[0].platform == "cpu":
     return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
   return None
+
+
+def compile_train_step(step_fn, mesh: jax.sharding.Mesh, state: State, batch: dict, rng: jax.Array, *, name: str):
+  """`step_fn` (from `_compiled_train_step`) compiled ahead of time for these arguments, as the loop runs it:
+  `sharding.compile_together` with the train step's XLA options."""
+  return sharding.compile_together(step_fn, state, batch, rng, name=name,
+                                   compiler_options=_train_step_compiler_options(mesh))
 
 
 def _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh):
@@ -255,8 +262,7 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
       rng = jax.random.fold_in(base_rng, step)  # A function of the step: resumed runs draw the same samples.
       try:
         if compiled is None:
-          compiled = sharding.compile_together(step_fn, state, batch, rng, name=f"train_step_{step}",
-                                                compiler_options=train_step_compiler_options(mesh))
+          compiled = compile_train_step(step_fn, mesh, state, batch, rng, name=f"train_step_{step}")
           progress.restart(step)
         state, metrics = compiled(state, batch, rng)
       except Exception as e:  # XLA reports out-of-memory as a generic runtime error.
