@@ -29,7 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from panoptic_jax import huge_pages  # noqa: E402
+from panoptic_jax import host_memory  # noqa: E402
 from panoptic_jax.model import layers as L  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -109,7 +109,8 @@ def depthwise_rows(rounds: int) -> list[list]:
 
 
 def main() -> None:
-  huge_pages.relaunch_with_huge_pages()
+  host_memory.relaunch_with_malloc_tunables()
+  host_memory.run_cpu_executions_inline()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   args = parser.parse_args()

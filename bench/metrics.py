@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from panoptic_jax import huge_pages  # noqa: E402
+from panoptic_jax import host_memory  # noqa: E402
 from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator,  # noqa: E402
                                                       aligned_full, panoptic_stats)
 
@@ -331,5 +331,5 @@ def main():
 
 
 if __name__ == "__main__":
-  huge_pages.relaunch_with_huge_pages()  # As `python -m panoptic_jax.evaluate` does (all three implementations).
+  host_memory.relaunch_with_malloc_tunables()  # As `python -m panoptic_jax.evaluate` does (all three implementations).
   main()

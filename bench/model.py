@@ -35,7 +35,7 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from panoptic_jax import huge_pages  # noqa: E402
+from panoptic_jax import host_memory  # noqa: E402
 from panoptic_jax.inference import postprocess as pp  # noqa: E402
 from panoptic_jax.model.kmax_deeplab import (DATASET_CLASSES, abstract_model, build_model,  # noqa: E402
                                              param_breakdown)
@@ -154,5 +154,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  huge_pages.relaunch_with_huge_pages()  # As the training entry point does (panoptic_jax/huge_pages.py).
+  host_memory.relaunch_with_malloc_tunables()  # As the training entry point does (panoptic_jax/host_memory.py).
+  host_memory.run_cpu_executions_inline()
   sys.exit(main())

@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from panoptic_jax import huge_pages  # noqa: E402
+from panoptic_jax import host_memory  # noqa: E402
 from panoptic_jax.data import pipeline, synthetic  # noqa: E402
 from panoptic_jax.data.dataset import Dataset  # noqa: E402
 from panoptic_jax.model import kmax_deeplab  # noqa: E402
@@ -371,5 +371,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  huge_pages.relaunch_with_huge_pages()  # As the training entry point does (panoptic_jax/huge_pages.py).
+  host_memory.relaunch_with_malloc_tunables()  # As the training entry point does (panoptic_jax/host_memory.py).
+  host_memory.run_cpu_executions_inline()
   sys.exit(main())

@@ -13,7 +13,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from panoptic_jax import huge_pages
+from panoptic_jax import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and pictures.", required=True)
@@ -30,6 +30,7 @@ _CACHE_DIR = flags.DEFINE_string("compilation_cache", "~/.cache/panoptic_jax/jax
 def _initialise_jax() -> None:
   import jax  # Imported here so that flags such as XLA_FLAGS set by launch scripts apply first.
 
+  host_memory.run_cpu_executions_inline()  # A CPU step's temporaries then stay mapped between steps.
   if _COORDINATOR.value:
     # Cross-process collectives between CPU devices (local multi-process runs); no effect on GPU / TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -65,5 +66,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  huge_pages.relaunch_with_huge_pages()  # Before anything starts threads: the process image is replaced.
+  host_memory.relaunch_with_malloc_tunables()  # Before anything starts threads: the process image is replaced.
   app.run(main)
