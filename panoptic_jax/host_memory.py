@@ -18,7 +18,9 @@ step's first writes). Two changes remove it:
   blocks over 64 MiB separately whatever the tunables say. Together: kernel time per R50 step 4.3 -> 0.1 s, the
   step 13.9 -> 11.3 s (BENCHMARKS.md, "Training step", session 9); neither change alone moved it.
 
-The process keeps its peak heap mapped until it exits (its peak RSS is unchanged). A tunable the user already set in
+The process keeps its peak heap mapped until it exits (its peak RSS is unchanged). Executions over several devices
+of one process (fake CPU devices, `--xla_force_host_platform_device_count`) stay asynchronous on worker threads, so
+their temporaries are still mapped afresh at every step; one CPU device per process is what the fix covers. A tunable the user already set in
 `GLIBC_TUNABLES` stands; where none applies (not Linux or glibc) nothing changes.
 
     if __name__ == "__main__":
