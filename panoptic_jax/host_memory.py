@@ -20,8 +20,8 @@ step's first writes). Two changes remove it:
 
 The process keeps its peak heap mapped until it exits (its peak RSS is unchanged). Executions over several devices
 of one process (fake CPU devices, `--xla_force_host_platform_device_count`) stay asynchronous on worker threads, so
-their temporaries are still mapped afresh at every step; one CPU device per process is what the fix covers. A tunable the user already set in
-`GLIBC_TUNABLES` stands; where none applies (not Linux or glibc) nothing changes.
+their temporaries are still mapped afresh at every step; one CPU device per process is what the fix covers. A
+tunable the user already set in `GLIBC_TUNABLES` stands; where none applies (not Linux or glibc) nothing changes.
 
     if __name__ == "__main__":
       host_memory.relaunch_with_malloc_tunables()  # First thing: before threads start or files open.
