@@ -120,22 +120,44 @@ class BatchNorm(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     axis = self.axis % x.ndim
-    red = tuple(i for i in range(x.ndim) if i != axis)
-    shape = [1] * x.ndim
-    shape[axis] = x.shape[axis]
     if self.use_running_average:
       mean, var = self.mean.get_value(), self.var.get_value()
     else:
+      red = tuple(i for i in range(x.ndim) if i != axis)
       x32 = x.astype(jnp.float32)
       mean = jnp.mean(x32, axis=red)
       var = jnp.maximum(jnp.mean(jnp.square(x32), axis=red) - jnp.square(mean), 0.0)
       m = self.momentum
       self.mean.set_value(jax.lax.stop_gradient(m * self.mean.get_value() + (1 - m) * mean))
       self.var.set_value(jax.lax.stop_gradient(m * self.var.get_value() + (1 - m) * var))
+    mul, add = self._affine(mean, var)
+    return self._apply(x, mul, add)
+
+  def _affine(self, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The normalisation as `x * mul + add`, `[C]` each."""
     mul = self.scale.get_value() * jax.lax.rsqrt(var + self.epsilon)
-    add = self.bias.get_value() - mean * mul
+    return mul, self.bias.get_value() - mean * mul
+
+  def _apply(self, x: jax.Array, mul: jax.Array, add: jax.Array) -> jax.Array:
+    """`x * mul + add` with `[C]` vectors along the feature axis, in the compute dtype."""
+    shape = [1] * x.ndim
+    shape[self.axis % x.ndim] = mul.shape[0]
     dtype = self.dtype or x.dtype
     return x.astype(dtype) * mul.reshape(shape).astype(dtype) + add.reshape(shape).astype(dtype)
+
+  def sum_of_parts(self, parts: Sequence[jax.Array]) -> jax.Array:
+    """`sum_i normed[i]` with `normed = split(self(concatenate(parts, axis)), len(parts), axis)`: equal-shaped parts
+    normalised side by side along the feature axis (each part its own channels), then added up.
+
+    In eval mode the normalisation is a fixed affine map per channel, so each part takes its slice of it directly and
+    no concatenated copy is written (the axial attention's similarity and output BatchNorms: R50 inference at 641
+    ran 2-4% faster in interleaved pairs). Training needs the batch statistics of the concatenation.
+    """
+    if not self.use_running_average:
+      return sum(jnp.split(self(jnp.concatenate(parts, axis=self.axis)), len(parts), axis=self.axis))
+    mul, add = self._affine(self.mean.get_value(), self.var.get_value())
+    return sum(self._apply(part, m, a)
+               for part, m, a in zip(parts, jnp.split(mul, len(parts)), jnp.split(add, len(parts))))
 
 
 def batch_norm(num_features: int, *, scale_init: float = 1.0, axis: int = -1, dtype: Dtype = None,

@@ -72,13 +72,11 @@ class AxialAttention(nnx.Module):
     content = jnp.einsum("blsnd,bmsnd->bsnlm", q, k)
     q_pos = jnp.einsum("blsnd,lmd->bsnlm", q, rq)
     k_pos = jnp.einsum("bmsnd,lmd->bsnlm", k, rk)
-    sim = jnp.concatenate([content, q_pos, k_pos], axis=2)       # [b, s, 3n, l, m]
-    sim = self.bn_similarity(sim).reshape(b, s, 3, n, length, length).sum(axis=2)
+    sim = self.bn_similarity.sum_of_parts([content, q_pos, k_pos])  # [b, s, n, l, m]
     w = jax.nn.softmax(sim.astype(jnp.float32), axis=-1).astype(cdt)
     out_c = jnp.einsum("bsnlm,bmsnd->blsnd", w, v).reshape(b, length, s, self.v)
     out_p = jnp.einsum("bsnlm,lmd->blsnd", w, rv).reshape(b, length, s, self.v)
-    out = self.bn_output(jnp.concatenate([out_c, out_p], axis=-1))
-    return out[..., :self.v] + out[..., self.v:]
+    return self.bn_output.sum_of_parts([out_c, out_p])
 
 
 class AxialAttention2D(nnx.Module):

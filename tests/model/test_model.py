@@ -204,6 +204,33 @@ def test_dense_layer_matches_lax_with_gradients_and_no_transposed_cotangent(dtyp
   assert not [line for line in hlo.splitlines() if "transpose(" in line and "[24,2,9,7]" in line]
 
 
+@pytest.mark.parametrize("axis", [2, -1])
+def test_batch_norm_sum_of_parts_equals_concatenated_norm(axis):
+  """The axial attention's BatchNorm of parts side by side, summed part by part: the same values in training (batch
+  statistics, running averages updated) and in eval (each part its slice of the affine map, no concatenation)."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  parts = [jax.random.normal(k, (2, 5, 4, 6, 6)) * (i + 1) + i for i, k in enumerate(keys)]
+  channels = 3 * parts[0].shape[axis]
+
+  def reference(bn):
+    normed = bn(jnp.concatenate(parts, axis=axis))
+    return sum(jnp.split(normed, 3, axis=axis))
+
+  with nnx.use_eager_sharding(False):
+    bn, ref_bn = (L.batch_norm(channels, axis=axis, rngs=nnx.Rngs(0)) for _ in range(2))
+  for b in (bn, ref_bn):
+    b.scale.set_value(jnp.linspace(0.5, 2.0, channels))
+    b.bias.set_value(jnp.linspace(-1.0, 1.0, channels))
+  np.testing.assert_allclose(np.asarray(bn.sum_of_parts(parts)), np.asarray(reference(ref_bn)), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(bn.var.get_value()), np.asarray(ref_bn.var.get_value()), rtol=1e-6)
+  assert not np.allclose(np.asarray(bn.var.get_value()), 1.0)  # The training call updated the statistics.
+  bn.use_running_average = ref_bn.use_running_average = True
+  got = jax.jit(lambda: bn.sum_of_parts(parts))()
+  np.testing.assert_allclose(np.asarray(got), np.asarray(reference(ref_bn)), rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(lambda: bn.sum_of_parts(parts)).lower().compile().as_text()
+  assert "concatenate(" not in hlo
+
+
 def test_kmeans_assignment_is_hard_and_stops_gradient():
   logits = jax.random.normal(jax.random.key(0), (2, 5, 5, 4))
   a = kmeans_assignment(logits)
