@@ -119,11 +119,10 @@ class BatchNorm(nnx.Module):
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    axis = self.axis % x.ndim
     if self.use_running_average:
       mean, var = self.mean.get_value(), self.var.get_value()
     else:
-      red = tuple(i for i in range(x.ndim) if i != axis)
+      red = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
       x32 = x.astype(jnp.float32)
       mean = jnp.mean(x32, axis=red)
       var = jnp.maximum(jnp.mean(jnp.square(x32), axis=red) - jnp.square(mean), 0.0)
