@@ -3,9 +3,11 @@
     python bench/conv.py [--rounds 7]
 
 Rows, at the shapes of kmax_r50_coco's 641 x 641 train step (batch 2):
-- Dense convolutions (ResNet-50's 7x7 stem and 3x3 convolutions of every stage, stride 1 and 2): the forward plus
-  both gradients with `lax.conv_general_dilated` against `layers.im2col_grad_conv_general_dilated` (lax's forward
-  and input gradient, the kernel gradient as one matmul over the im2col patches).
+- Dense convolutions (ResNet-50's 7x7 stem and 3x3 convolutions of every stage, stride 1 and 2):
+  `lax.conv_general_dilated` against `layers.dense_conv_general_dilated` (Winograd's F(2x2, 3x3) for the stride-1
+  3x3 ones, forward and input gradient, lax's for the others; the kernel gradient as one matmul over the im2col
+  patches), the forward plus both gradients at batch 2 and the forward alone (with an affine map and a ReLU after
+  it, as in the model) at batch 1, the inference case.
 - Depthwise 5x5 + affine + GELU + 1x1 (the kMaX predictor's pixel head): forward alone and forward + backward, with
   training's forward as one fused loop over whole images against the blocked loop (`layers._TRAIN_BLOCK_ELEMENTS`).
 
@@ -63,8 +65,6 @@ def _check(a, b) -> None:
 def dense_rows(rounds: int) -> list[list]:
   rows = []
   for name, side, cin, cout, k, stride in DENSE:
-    key = jax.random.key(0)
-    x = jax.random.normal(key, (2, side, side, cin))
     w = jax.random.normal(jax.random.key(1), (k, k, cin, cout)) * 0.05
     pad = ((k // 2, k // 2), (k // 2, k // 2))
 
@@ -72,13 +72,19 @@ def dense_rows(rounds: int) -> list[list]:
       return jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), pad,
                                                                     dimension_numbers=NHWC))), (0, 1))(x, w)
 
-    lax_step = jax.jit(functools.partial(step, jax.lax.conv_general_dilated))
-    ours = jax.jit(functools.partial(step, L.im2col_grad_conv_general_dilated))
-    _check(ours(x, w), lax_step(x, w))
-    t_lax, t_ours = _time_alternately([lax_step, ours], (x, w), rounds)
+    def forward(conv, x, w):
+      return jax.nn.relu(conv(x, w, (stride, stride), pad, dimension_numbers=NHWC) * 1.1 + 0.1)
+
+    cells = [f"{name}, {side}x{side}, {cin}->{cout}"]
+    for fn, batch in ((step, 2), (forward, 1)):
+      x = jax.random.normal(jax.random.key(0), (batch, side, side, cin))
+      lax_fn = jax.jit(functools.partial(fn, jax.lax.conv_general_dilated))
+      ours = jax.jit(functools.partial(fn, L.dense_conv_general_dilated))
+      _check(ours(x, w), lax_fn(x, w))
+      t_lax, t_ours = _time_alternately([lax_fn, ours], (x, w), rounds)
+      cells += [f"{t_lax:.1f}", f"{t_ours:.1f}", f"{t_lax / t_ours:.2f}x"]
     gflop = 3 * 2 * 2 * ((side - 1) // stride + 1) ** 2 * k * k * cin * cout / 1e9
-    rows.append([f"{name}, {side}x{side}, {cin}->{cout}", f"{gflop:.1f}", f"{t_lax:.1f}", f"{t_ours:.1f}",
-                 f"{t_lax / t_ours:.2f}x"])
+    rows.append(cells[:1] + [f"{gflop:.1f}"] + cells[1:])
   return rows
 
 
@@ -114,9 +120,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
   args = parser.parse_args()
-  print(common.header("CPU convolutions against lax, forward + backward, batch 2"))
-  print(common.markdown_table(["convolution", "GFLOP fwd+bwd", "lax ms", "im2col kernel gradient ms", "speed-up"],
-                              dense_rows(args.rounds)))
+  print(common.header("CPU convolutions against lax"))
+  print(common.markdown_table(["convolution", "GFLOP fwd+bwd (batch 2)", "fwd+bwd: lax ms", "ours ms", "speed-up",
+                               "forward (batch 1): lax ms", "ours ms", "speed-up"], dense_rows(args.rounds)))
   print()
   print(common.markdown_table(["depthwise 5x5 + GELU + 1x1 at 161x161x256", "ms", "speed-up", ""],
                               depthwise_rows(args.rounds)))

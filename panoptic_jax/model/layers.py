@@ -381,20 +381,101 @@ def _lax_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+# the 2x2 output tile of a 4x4 input tile d is A^T [(G g G^T) * (B^T d B)] A for the 3x3 kernel g.
+_WINOGRAD_BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]])
+_WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]])
+
+
+def _combine(coefficients: np.ndarray, terms: Sequence[jax.Array]) -> jax.Array:
+  """`sum_i coefficients[i] * terms[i]` over the non-zero coefficients, +-1 as plain adds and subtracts."""
+  total = None
+  for c, term in zip(coefficients, terms):
+    if c == 0:
+      continue
+    if total is None:
+      total = term if c == 1 else term * float(c)
+    elif c in (1, -1):
+      total = total + term if c == 1 else total - term
+    else:
+      total = total + term * float(c)
+  return total
+
+
+def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding: tuple, *, transposed: bool = False) -> jax.Array:
+  """A stride-1, undilated 3x3 dense convolution by Winograd's F(2x2, 3x3): 16 multiplications per 2x2 output tile
+  and channel pair instead of 36, as 16 matmuls `[B * tiles, Cin] x [Cin, Cout]`.
+
+  Same sums as `lax.conv_general_dilated`, in another order: against a float64 reference its float32 error is that
+  of lax's (the input and output transforms only add, subtract and halve). Why: XLA:CPU runs ResNet-50's 3x3
+  convolutions at 100-175 GFLOP/s; this form takes about half of their time in isolation (`bench/conv.py`), and the
+  input gradient of such a convolution is another one (`_dense_conv_bwd`). Used on CPU for float32 (see `conv`).
+
+  Args:
+    x: `[B, H, W, Cin]`.
+    kernel: `[3, 3, Cin, Cout]`, or with `transposed` `[3, 3, Cout, Cin]`, used flipped and with its channel axes
+      swapped (the input gradient of a convolution with that kernel) without writing that copy out.
+    padding: `((top, bottom), (left, right))`, each in 0..2.
+    transposed: see `kernel`.
+
+  Returns:
+    `[B, H + top + bottom - 2, W + left + right - 2, Cout]`.
+  """
+  (top, bottom), (left, right) = padding
+  batch, height, width, in_ch = x.shape
+  out_h, out_w = height + top + bottom - 2, width + left + right - 2
+  tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
+  # Padded so that the last tile is whole (4 rows from 2 * (tiles - 1)); the extra outputs are cropped below.
+  padded = jnp.pad(x, ((0, 0), (top, 2 * tiles_h + 2 - top - height), (left, 2 * tiles_w + 2 - left - width), (0, 0)))
+  taps = [padded[:, u:u + 2 * tiles_h:2, v:v + 2 * tiles_w:2] for u in range(4) for v in range(4)]
+  if transposed:
+    weights = [kernel[2 - a, 2 - b] for a in range(3) for b in range(3)]
+    contract = (((1,), (1,)), ((), ()))
+  else:
+    weights = [kernel[a, b] for a in range(3) for b in range(3)]
+    contract = (((1,), (0,)), ((), ()))
+  products = []
+  for i in range(4):
+    for j in range(4):
+      # Each transformed tile straight from the taps, and 16 matmuls rather than one batched over a stack of the
+      # tiles: XLA:CPU wrote that stack out in an extra copy, and the batched form took 1.2-1.3x as long.
+      tile = _combine(np.outer(_WINOGRAD_BT[i], _WINOGRAD_BT[j]).ravel(), taps)
+      weight = _combine(np.outer(_WINOGRAD_G[i], _WINOGRAD_G[j]).ravel(), weights)
+      product = jax.lax.dot_general(tile.reshape(-1, in_ch), weight, contract)
+      products.append(product.reshape(batch, tiles_h, tiles_w, -1))
+  rows = [jnp.stack([_combine(np.outer(_WINOGRAD_AT[p], _WINOGRAD_AT[q]).ravel(), products) for q in range(2)], axis=3)
+          for p in range(2)]
+  # rows[p]: [B, tiles_h, tiles_w, 2, Cout], the outputs in rows 2t + p; interleaved as [B, tiles_h, 2, tiles_w, 2, C].
+  out = jnp.stack(rows, axis=2).reshape(batch, 2 * tiles_h, 2 * tiles_w, -1)
+  return out[:, :out_h, :out_w]
+
+
+def _winograd_applies(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> bool:
+  return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and x.dtype == kernel.dtype == jnp.float32
+          and all(0 <= p <= 2 for pair in padding for p in pair))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _im2col_grad_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
+def _dense_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> jax.Array:
+  if _winograd_applies(x, kernel, strides, padding):
+    return winograd_conv3x3(x, kernel, padding)
   return _lax_conv(x, kernel, strides, padding)
 
 
-def _im2col_grad_conv_fwd(x, kernel, strides, padding):
-  return _lax_conv(x, kernel, strides, padding), (x, kernel)
+def _dense_conv_fwd(x, kernel, strides, padding):
+  return _dense_conv(x, kernel, strides, padding), (x, kernel)
 
 
-def _im2col_grad_conv_bwd(strides, padding, residuals, grad):
-  """lax's input gradient; the kernel gradient as one matmul `patches [P, kh*kw*Cin]^T @ grad [P, Cout]` that
-  contracts the pixels where they lie (the im2col patches of x: each tap's strided window, side by side)."""
+def _dense_conv_bwd(strides, padding, residuals, grad):
+  """The input gradient (a Winograd convolution with the flipped kernel where the forward is one, else lax's); the
+  kernel gradient as one matmul `patches [P, kh*kw*Cin]^T @ grad [P, Cout]` that contracts the pixels where they lie
+  (the im2col patches of x: each tap's strided window, side by side)."""
   x, kernel = residuals
-  grad_x = jax.vjp(lambda v: _lax_conv(v, kernel, strides, padding), x)[1](grad)[0]
+  if _winograd_applies(x, kernel, strides, padding):
+    grad_x = winograd_conv3x3(grad, kernel, tuple((2 - lo, 2 - hi) for lo, hi in padding), transposed=True)
+  else:
+    grad_x = jax.vjp(lambda v: _lax_conv(v, kernel, strides, padding), x)[1](grad)[0]
   kh, kw, in_ch, out_ch = kernel.shape
   padded = jax.lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)))
   patches = jnp.concatenate([w for _, _, w in _windows(padded, (kh, kw), (1, 1), strides)], axis=-1)
@@ -403,21 +484,21 @@ def _im2col_grad_conv_bwd(strides, padding, residuals, grad):
   return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
-_im2col_grad_conv.defvjp(_im2col_grad_conv_fwd, _im2col_grad_conv_bwd)
+_dense_conv.defvjp(_dense_conv_fwd, _dense_conv_bwd)
 
 
-def im2col_grad_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
-                                     lhs_dilation: Sequence[int] | None = None,
-                                     rhs_dilation: Sequence[int] | None = None, dimension_numbers: Any = None,
-                                     feature_group_count: int = 1, precision: Any = None,
-                                     **kwargs) -> jax.Array:
-  """A dense convolution with lax's forward and input gradient and an im2col kernel gradient (same math).
+def dense_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int], padding: Any,
+                               lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
+                               dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
+                               **kwargs) -> jax.Array:
+  """A dense undilated convolution (same math as lax's): Winograd's for stride-1 3x3 float32 ones
+  (`winograd_conv3x3`, forward and input gradient), lax's otherwise; the kernel gradient as one im2col matmul.
 
   Drop-in for `lax.conv_general_dilated` in `nnx.Conv`, for `lhs [B, H, W, Cin]`, `rhs [kh, kw, Cin, Cout]`, any
-  strides and padding, no dilation. Why: XLA:CPU computes a convolution's kernel gradient as a convolution of the
-  input with the output gradient, after transposing both to `[C, H, W, B]`, at 10-25 GFLOP/s. One matmul over the
-  im2col patches runs at the matmul rate: fwd + bwd of ResNet-50's 7x7 stem at 641 (3 input channels) 636 -> 194 ms,
-  its 3x3 convs 1.1-2.6x faster at every stage (`bench/conv.py`). The patches are a transient `kh * kw` times the
+  strides and padding, no dilation. Why the kernel gradient: XLA:CPU computes it as a convolution of the input with
+  the output gradient, after transposing both to `[C, H, W, B]`, at 10-25 GFLOP/s. One matmul over the im2col
+  patches runs at the matmul rate: fwd + bwd of ResNet-50's 7x7 stem at 641 (3 input channels) 636 -> 194 ms, its
+  3x3 convs 1.1-2.6x faster at every stage (`bench/conv.py`). The patches are a transient `kh * kw` times the
   input. Only used on CPU (see `conv`).
 
   Args:
@@ -435,13 +516,13 @@ def im2col_grad_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_stri
   del dimension_numbers, precision, kwargs
   if (rhs.shape[2] != lhs.shape[-1] or feature_group_count != 1
       or any(d is not None and tuple(d) != (1, 1) for d in (lhs_dilation, rhs_dilation))):
-    raise ValueError(f"im2col_grad_conv_general_dilated: expected a dense undilated NHWC convolution, found input "
+    raise ValueError(f"dense_conv_general_dilated: expected a dense undilated NHWC convolution, found input "
                      f"{lhs.shape}, kernel {rhs.shape}, groups {feature_group_count}, lhs_dilation {lhs_dilation}, "
                      f"rhs_dilation {rhs_dilation}")
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  return _im2col_grad_conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
+  return _dense_conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
 
 
 def _tap_range(size: int, out_size: int, offset: int) -> tuple[int, int]:
@@ -507,7 +588,7 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
   """A k x k convolution, channels-last. Default padding is symmetric `dilation * (k - 1) / 2` (PyTorch style),
   which gives `(H - 1) // stride + 1` outputs for the odd `stride * n + 1` sizes that kMaX uses. On CPU, stride-1
   depthwise convolutions run as `depthwise_conv_general_dilated`, stride-1 dilated dense ones as
-  `atrous_conv_general_dilated` and undilated dense ones as `im2col_grad_conv_general_dilated` (see there why);
+  `atrous_conv_general_dilated` and undilated dense ones as `dense_conv_general_dilated` (see there why);
   parameters are the same either way."""
   if padding is None:
     p = dilation * (kernel_size - 1) // 2
@@ -519,7 +600,7 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
     elif stride == 1 and groups == 1 and dilation > 1:
       conv_general_dilated = atrous_conv_general_dilated
     elif groups == 1 and dilation == 1:
-      conv_general_dilated = im2col_grad_conv_general_dilated
+      conv_general_dilated = dense_conv_general_dilated
   return nnx.Conv(
       in_features, out_features, (kernel_size, kernel_size), strides=stride, padding=padding,
       kernel_dilation=dilation, feature_group_count=groups, use_bias=use_bias, dtype=dtype,
