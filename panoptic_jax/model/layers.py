@@ -410,7 +410,8 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding: tuple, *, transpo
   Same sums as `lax.conv_general_dilated`, in another order: against a float64 reference its float32 error is that
   of lax's (the input and output transforms only add, subtract and halve). Why: XLA:CPU runs ResNet-50's 3x3
   convolutions at 100-175 GFLOP/s; this form takes about half of their time in isolation (`bench/conv.py`), and the
-  input gradient of such a convolution is another one (`_dense_conv_bwd`). Used on CPU for float32 (see `conv`).
+  input gradient of such a convolution is another one (`_dense_conv_bwd`). Used on CPU for float32 and at least
+  64 channels (see `dense_conv_general_dilated`).
 
   Args:
     x: `[B, H, W, Cin]`.
@@ -451,9 +452,15 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding: tuple, *, transpo
   return out[:, :out_h, :out_w]
 
 
+# Below this many input or output channels the 16 small matmuls and the transforms cost more than lax's convolution
+# (8-16 channels: 1.2-1.6x lax's time, forward and backward; 32-48: either way; 64 and up: faster at every shape
+# tried), and they lengthen compilation (a tiny model's train step: +15%).
+_WINOGRAD_MIN_CHANNELS = 64
+
+
 def _winograd_applies(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: tuple) -> bool:
   return (kernel.shape[:2] == (3, 3) and strides == (1, 1) and x.dtype == kernel.dtype == jnp.float32
-          and all(0 <= p <= 2 for pair in padding for p in pair))
+          and min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS and all(0 <= p <= 2 for pair in padding for p in pair))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -491,8 +498,9 @@ def dense_conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: S
                                lhs_dilation: Sequence[int] | None = None, rhs_dilation: Sequence[int] | None = None,
                                dimension_numbers: Any = None, feature_group_count: int = 1, precision: Any = None,
                                **kwargs) -> jax.Array:
-  """A dense undilated convolution (same math as lax's): Winograd's for stride-1 3x3 float32 ones
-  (`winograd_conv3x3`, forward and input gradient), lax's otherwise; the kernel gradient as one im2col matmul.
+  """A dense undilated convolution (same math as lax's): Winograd's for stride-1 3x3 float32 ones with 64 or more
+  channels (`winograd_conv3x3`, forward and input gradient), lax's otherwise; the kernel gradient as one im2col
+  matmul.
 
   Drop-in for `lax.conv_general_dilated` in `nnx.Conv`, for `lhs [B, H, W, Cin]`, `rhs [kh, kw, Cin, Cout]`, any
   strides and padding, no dilation. Why the kernel gradient: XLA:CPU computes it as a convolution of the input with

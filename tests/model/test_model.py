@@ -138,14 +138,20 @@ def test_atrous_conv_matches_lax_with_gradients(size, rate, padding):
     L.atrous_conv_general_dilated(x, w, (2, 2), padding, rhs_dilation=(rate, rate))
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))),
-                                                   (7, 2, ((3, 3), (3, 3))), (3, 1, ((0, 2), (1, 0))),
-                                                   (2, 2, "VALID"), (3, 2, "SAME")])
-def test_dense_conv_matches_lax_with_gradients(kernel, stride, padding):
-  """The CPU dense convolution (Winograd's for stride-1 3x3, the im2col kernel gradient) equals lax's, value and both
-  gradients: stride 1 and 2, the 7x7 stem, asymmetric padding, ConvNeXt's patchify ("VALID") and string padding."""
-  x = jax.random.normal(jax.random.key(0), (2, 11, 10, 3))
-  w = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 4))
+@pytest.mark.parametrize("kernel,stride,padding,channels", [(3, 1, ((1, 1), (1, 1)), (3, 4)),
+                                                            (3, 2, ((1, 1), (1, 1)), (3, 4)),
+                                                            (7, 2, ((3, 3), (3, 3)), (3, 4)),
+                                                            (3, 1, ((0, 2), (1, 0)), (3, 4)),
+                                                            (2, 2, "VALID", (3, 4)), (3, 2, "SAME", (3, 4)),
+                                                            (3, 1, ((1, 1), (1, 1)), (64, 72)),
+                                                            (3, 1, ((0, 2), (1, 0)), (72, 64))])
+def test_dense_conv_matches_lax_with_gradients(kernel, stride, padding, channels):
+  """The CPU dense convolution (Winograd's for stride-1 3x3 with 64+ channels, the im2col kernel gradient) equals
+  lax's, value and both gradients: stride 1 and 2, the 7x7 stem, asymmetric padding, ConvNeXt's patchify ("VALID")
+  and string padding."""
+  x = jax.random.normal(jax.random.key(0), (2, 11, 10, channels[0]))
+  # Unit-variance outputs, as in a network: float rounding then stays well inside the tolerances.
+  w = jax.random.normal(jax.random.key(1), (kernel, kernel, *channels)) / np.sqrt(kernel * kernel * channels[0])
   _assert_conv_matches_lax(L.dense_conv_general_dilated, x, w, (stride, stride), padding)
   with pytest.raises(ValueError, match="dense undilated NHWC"):
     L.dense_conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=(2, 2))
