@@ -429,7 +429,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding: tuple, *, transpo
   tiles_h, tiles_w = -(-out_h // 2), -(-out_w // 2)
   # Padded so that the last tile is whole (4 rows from 2 * (tiles - 1)); the extra outputs are cropped below.
   padded = jnp.pad(x, ((0, 0), (top, 2 * tiles_h + 2 - top - height), (left, 2 * tiles_w + 2 - left - width), (0, 0)))
-  taps = [padded[:, u:u + 2 * tiles_h:2, v:v + 2 * tiles_w:2] for u in range(4) for v in range(4)]
+  taps = [window for _, _, window in _windows(padded, (4, 4), (1, 1), (2, 2))]  # [B, tiles_h, tiles_w, Cin] each
   if transposed:
     weights = [kernel[2 - a, 2 - b] for a in range(3) for b in range(3)]
     contract = (((1,), (1,)), ((), ()))
