@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from panoptic_jax.data import format as fmt  # noqa: E402
+from panoptic_jax.data import dataset_format as fmt  # noqa: E402
 from panoptic_jax.data.convert import coco, common  # noqa: E402
 
 _CATEGORIES = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "panopticapi_sample"

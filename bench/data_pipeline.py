@@ -32,7 +32,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from panoptic_jax.data import format as fmt  # noqa: E402
+from panoptic_jax.data import dataset_format as fmt  # noqa: E402
 from panoptic_jax.data import pipeline, synthetic, transforms  # noqa: E402
 from panoptic_jax.data.dataset import Dataset  # noqa: E402
 from panoptic_jax.data.source import PanopticSource  # noqa: E402

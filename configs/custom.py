@@ -1,6 +1,6 @@
 r"""Template: kMaX-DeepLab on your own dataset in the project's format. Copy this file and edit the marked fields.
 
-  python -m panoptic_jax.data.inspect data/mine/train            # validate the dataset first
+  python -m panoptic_jax.data.validate data/mine/train            # validate the dataset first
   python -m panoptic_jax.main --config=configs/custom.py --workdir=runs/mine \
       --config.dataset.train=data/mine/train --config.dataset.val=data/mine/val
 

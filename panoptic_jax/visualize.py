@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from panoptic_jax.data.format import VOID, DatasetInfo
+from panoptic_jax.data.dataset_format import VOID, DatasetInfo
 
 
 def colorize(panoptic: np.ndarray, info: DatasetInfo) -> np.ndarray:

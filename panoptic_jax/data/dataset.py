@@ -22,7 +22,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.storage import Storage, StorageError, open_storage
 
 IMAGES = "images"

@@ -44,7 +44,7 @@ import threading
 import grain
 import numpy as np
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import transforms
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.data.source import PanopticSource

@@ -21,7 +21,7 @@ from panoptic_jax.data.storage import Storage
 class PanopticSource(grain.sources.RandomAccessDataSource):
   """index -> {"image": uint8 [H, W, 3], "panoptic": int32 [H, W], "name": str, "index": int}.
 
-  "panoptic" is the canonical map (format.py) at the image's size; "index" is the example's position in
+  "panoptic" is the canonical map (dataset_format.py) at the image's size; "index" is the example's position in
   `dataset.examples` (so batches can name their images without carrying strings).
   """
 

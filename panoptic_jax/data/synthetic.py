@@ -51,7 +51,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 
 __all__ = ["INFO", "SPLITS", "GENERATOR_VERSION", "render_scene", "encode_example", "generate", "ensure_demo_dataset"]
 

@@ -51,7 +51,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 
 VOID = fmt.VOID
 PAD_PIXEL = 128  # DeepLab2 pads with the mean pixel 127.5, i.e. 0 after the model's x / 127.5 - 1; 128 in uint8.

@@ -194,7 +194,7 @@ def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, data:
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, Any]:
   """Trains and / or evaluates as `mode` says; returns the last evaluation's metrics (empty if none)."""
-  from panoptic_jax.training import evaluate as evaluate_lib  # Evaluation pulls in the metric code.
+  from panoptic_jax.training import eval_loop  # Evaluation pulls in the metric code.
 
   workdir_path = pathlib.Path(workdir).expanduser()
   workdir_path.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
   writer = MetricsWriter(str(workdir_path))
   evaluator = None
   if val_dataset is not None:
-    evaluator = evaluate_lib.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_config, workdir_path)
+    evaluator = eval_loop.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_config, workdir_path)
   results: dict[str, Any] = {}
   try:
     if mode == "eval":

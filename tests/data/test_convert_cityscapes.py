@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import __main__ as cli
 from panoptic_jax.data.convert import cityscapes
 from panoptic_jax.data.storage import open_storage

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import __main__ as cli
 from panoptic_jax.data.convert import coco, common
 from panoptic_jax.data.storage import open_storage

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import Dataset, Example
 from panoptic_jax.data.storage import StorageError, open_storage
 

@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.data.source import PanopticSource
 

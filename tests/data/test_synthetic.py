@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import synthetic
 from panoptic_jax.data.storage import open_storage
 
@@ -132,10 +132,10 @@ def test_scene_without_random_things_gets_a_car_even_with_a_long_focal_length():
   assert np.any(panoptic // synthetic.INFO.label_divisor == synthetic.INFO.categories.index("car"))
 
 
-def test_passes_inspect(dataset, tmp_path):
+def test_passes_validate(dataset, tmp_path):
   for split, count in (("train", NUM_TRAIN), ("val", NUM_VAL)):
     report = tmp_path / f"{split}.json"
-    result = subprocess.run([sys.executable, "-m", "panoptic_jax.data.inspect", str(dataset / split), "--json",
+    result = subprocess.run([sys.executable, "-m", "panoptic_jax.data.validate", str(dataset / split), "--json",
                              str(report), "--workers", "0", "--no_progress"], capture_output=True, text=True,
                             env=_env(), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

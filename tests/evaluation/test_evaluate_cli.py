@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from panoptic_jax import evaluate
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.evaluation import coco_format
 
 SAMPLE = "panopticapi_sample"

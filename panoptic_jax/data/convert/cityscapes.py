@@ -37,7 +37,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import common
 
 CROWD_MODES = ("ignore", "keep")

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.storage import open_storage
 
 Color = tuple[int, int, int]

@@ -1,4 +1,4 @@
-"""python -m panoptic_jax.data.inspect: validation and summary of a dataset."""
+"""python -m panoptic_jax.data.validate: validation and summary of a dataset."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from panoptic_jax.data import format as fmt
-from panoptic_jax.data import inspect as inspect_lib
+from panoptic_jax.data import dataset_format as fmt
+from panoptic_jax.data import validate as validate_lib
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.data.storage import open_storage
 
@@ -39,7 +39,7 @@ def _write(storage):
 
 def _expected_categories(location):
   ds = Dataset.open(location)
-  maps = [ds.read_panoptic(i) for i in range(len(ds))]  # At image size, as inspect counts them.
+  maps = [ds.read_panoptic(i) for i in range(len(ds))]  # At image size, as validate counts them.
   out = []
   for c, name in enumerate(INFO.categories):
     values = [np.unique(m[(m // INFO.label_divisor == c) & (m != fmt.VOID)]) for m in maps]
@@ -64,7 +64,7 @@ def _check_summary(summary, location):
 
 def test_valid_local_dataset(tmp_path, capsys):
   _write(open_storage(tmp_path / "ds"))
-  code = inspect_lib.main([str(tmp_path / "ds"), "--json", str(tmp_path / "s.json"), "--workers", "0"])
+  code = validate_lib.main([str(tmp_path / "ds"), "--json", str(tmp_path / "s.json"), "--workers", "0"])
   out = capsys.readouterr().out
   assert code == 0, out
   _check_summary(json.loads((tmp_path / "s.json").read_text()), tmp_path / "ds")
@@ -79,7 +79,7 @@ def test_broken_files_give_exit_1_and_are_named(tmp_path, capsys):
   bad_color = fmt.encode_annotation(np.zeros((16, 24), np.int32), fmt.DatasetInfo(("x",), ((1, 2, 3),), (False,)))
   storage.write_bytes("panoptic_maps/c.tif", bad_color)
   storage.write_bytes("images/lonely.jpg", b"not a jpeg")
-  code = inspect_lib.main([str(tmp_path), "--json", str(tmp_path / "s.json"), "--workers", "0", "--no_progress"])
+  code = validate_lib.main([str(tmp_path), "--json", str(tmp_path / "s.json"), "--workers", "0", "--no_progress"])
   out = capsys.readouterr().out
   assert code == 1
   assert f"{tmp_path}/panoptic_maps/b.tif: cannot decode as TIFF" in out
@@ -92,7 +92,7 @@ def test_broken_files_give_exit_1_and_are_named(tmp_path, capsys):
 
 
 def test_missing_location_gives_exit_1(tmp_path, capsys):
-  assert inspect_lib.main([str(tmp_path / "nope"), "--workers", "0"]) == 1
+  assert validate_lib.main([str(tmp_path / "nope"), "--workers", "0"]) == 1
   assert "does not exist" in capsys.readouterr().out
 
 
@@ -100,15 +100,15 @@ def test_s3_dataset_with_worker_processes(s3_root, tmp_path):
   location = f"s3://{s3_root}/ds"
   _write(open_storage(location))
   # A real command line (the environment points it at the server), with worker threads.
-  result = subprocess.run([sys.executable, "-m", "panoptic_jax.data.inspect", location, "--json",
+  result = subprocess.run([sys.executable, "-m", "panoptic_jax.data.validate", location, "--json",
                            str(tmp_path / "s.json"), "--workers", "3"], capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert "inspect: 100%" in result.stderr  # The progress bar.
+  assert "validate: 100%" in result.stderr  # The progress bar.
   _check_summary(json.loads((tmp_path / "s.json").read_text()), location)
 
 
 def test_worker_processes(tmp_path):
   """--processes: spawned workers unpickle the storage (about 2 s each to start on a small machine)."""
   _write(open_storage(tmp_path))
-  summary = inspect_lib.inspect_dataset(str(tmp_path), workers=2, progress=False, processes=True)
+  summary = validate_lib.validate_dataset(str(tmp_path), workers=2, progress=False, processes=True)
   _check_summary(summary, tmp_path)

@@ -1,4 +1,4 @@
-"""metadata.yaml parsing and the 2-page TIFF codec (panoptic_jax/data/format.py)."""
+"""metadata.yaml parsing and the 2-page TIFF codec (panoptic_jax/data/dataset_format.py)."""
 
 import io
 import logging
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 
 META = """\
 task: panoptic segmentation

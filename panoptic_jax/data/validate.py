@@ -1,6 +1,6 @@
 """Validates a dataset and summarises it.
 
-    python -m panoptic_jax.data.inspect LOCATION [--endpoint_url URL] [--json FILE] [--workers N]
+    python -m panoptic_jax.data.validate LOCATION [--endpoint_url URL] [--json FILE] [--workers N]
 
 LOCATION is a folder or `s3://bucket/prefix`. Every annotation is decoded against its image's size (read from the
 image header; pixels are not decoded), every image header is read, and the summary is printed: images, annotated
@@ -28,7 +28,7 @@ import numpy as np
 import tifffile
 import tqdm
 
-from panoptic_jax.data import format as fmt
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import Dataset, image_size
 from panoptic_jax.data.storage import StorageError
 
@@ -112,7 +112,7 @@ def _names(paths: list[str]) -> list[str]:
   return [p.rsplit("/", 1)[-1] for p in paths]
 
 
-def inspect_dataset(location: str, endpoint_url: str | None = None, workers: int | None = None,
+def validate_dataset(location: str, endpoint_url: str | None = None, workers: int | None = None,
                     progress: bool = True, processes: bool = False) -> dict:
   """Validates every file of a dataset; returns the summary (JSON-serialisable) with an "errors" list."""
   try:
@@ -131,7 +131,7 @@ def inspect_dataset(location: str, endpoint_url: str | None = None, workers: int
   scales, dtypes = collections.Counter(), collections.Counter()
   errors = []
   workers = min(8, os.cpu_count() or 1) if workers is None else workers
-  bar = tqdm.tqdm(total=len(tasks), desc="inspect", unit="file", file=sys.stderr, disable=not progress)
+  bar = tqdm.tqdm(total=len(tasks), desc="validate", unit="file", file=sys.stderr, disable=not progress)
 
   def consume(results):
     nonlocal void
@@ -218,7 +218,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m panoptic_jax.data.inspect", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m panoptic_jax.data.validate", description=__doc__.split("\n")[0])
   parser.add_argument("location", help="dataset folder or s3://bucket/prefix")
   parser.add_argument("--endpoint_url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL_S3 / profile)")
   parser.add_argument("--json", default=None, metavar="FILE", help="also write the summary as JSON to FILE")
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-  summary = inspect_dataset(args.location, args.endpoint_url, args.workers, progress=not args.no_progress,
+  summary = validate_dataset(args.location, args.endpoint_url, args.workers, progress=not args.no_progress,
                             processes=args.processes)
   print(format_summary(summary))
   if args.json:

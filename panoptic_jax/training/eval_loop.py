@@ -13,34 +13,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from panoptic_jax import visualize
 from panoptic_jax.data import pipeline
 from panoptic_jax.data.dataset import Dataset
-from panoptic_jax.data.format import resize_nearest
+from panoptic_jax.data.dataset_format import resize_nearest
 from panoptic_jax.evaluation.evaluator import Evaluator, format_table
-from panoptic_jax.inference import postprocess
+from panoptic_jax.inference import postprocess, predict
 from panoptic_jax.training import sharding
-
-
-def _predict(model_def, pp_config: postprocess.PostprocessConfig, is_thing: jax.Array, label_divisor: int,
-             state: dict, images: jax.Array) -> dict[str, jax.Array]:
-  """[B, H, W, 3] -> canonical panoptic [B, H, W] and per-slot segment scores."""
-  model = nnx.merge(model_def.eval_graph, state["params"], state["model_state"], copy=True)
-  outputs = model(images)
-  merged = postprocess.postprocess(outputs["mask_logits"], outputs["class_logits"], images.shape[1:3], is_thing,
-                                   pp_config, label_divisor)
-  keys = ("panoptic", "segment_category", "segment_instance", "segment_score", "segment_valid")
-  return {k: merged[k] for k in keys}
-
-
-def _segment_scores(pred: dict[str, np.ndarray], label_divisor: int) -> dict[int, float]:
-  """Canonical value -> score of each pasted segment (AP ranks the thing segments by it)."""
-  valid = pred["segment_valid"]
-  values = pred["segment_category"][valid] * label_divisor + pred["segment_instance"][valid]
-  return dict(zip(values.tolist(), pred["segment_score"][valid].tolist()))
 
 
 def _gather(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -64,8 +45,9 @@ class ModelEvaluator:
     self._pictures_dir = workdir / "visualizations"
     pp_config = postprocess.get_preset(config.eval.postprocess)
     is_thing = jnp.asarray(self._info.is_thing, bool)
-    predict = lambda state, images: _predict(model_def, pp_config, is_thing, self._info.label_divisor, state, images)
-    self._predict = jax.jit(predict)
+    label_divisor = self._info.label_divisor
+    self._predict = jax.jit(lambda state, images: predict.predict(
+        model_def.eval_graph, state["params"], state["model_state"], images, is_thing, pp_config, label_divisor))
     self._compiled = None  # Compiled on the first batch (shapes are fixed by the eval crop and batch size).
 
   def evaluate(self, state: dict, step: int) -> dict[str, Any]:
@@ -91,7 +73,7 @@ class ModelEvaluator:
           prediction = resize_nearest(preds["panoptic"][i, :ch, :cw], original_hw)
           ground_truth = self._dataset.read_panoptic(index)
           pred_i = {k: v[i] for k, v in preds.items()}
-          evaluator.add(ground_truth, prediction, scores=_segment_scores(pred_i, info.label_divisor),
+          evaluator.add(ground_truth, prediction, scores=predict.segment_scores(pred_i, info.label_divisor),
                         name=self._dataset.examples[index].name)
           seen += 1
           if pictures < self._num_pictures and jax.process_index() == 0:
