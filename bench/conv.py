@@ -1,15 +1,17 @@
-"""Benchmark: the CPU convolution formulations in `panoptic_jax/model/layers.py` against lax, forward and backward.
+"""Micro-benchmark: the XLA:CPU convolutions of `panoptic_jax/ops/cpu_conv.py` against lax, forward and backward.
 
     python bench/conv.py [--rounds 7]
 
 Rows, at the shapes of kmax_r50_coco's 641 x 641 train step (batch 2):
 - Dense convolutions (ResNet-50's 7x7 stem and 3x3 convolutions of every stage, stride 1 and 2):
-  `lax.conv_general_dilated` against `layers.dense_conv_general_dilated` (Winograd's F(2x2, 3x3) for the stride-1
+  `lax.conv_general_dilated` against `cpu_conv.conv_general_dilated` (Winograd's F(2x2, 3x3) for the stride-1
   3x3 ones, forward and input gradient, lax's for the others; the kernel gradient as one matmul over the im2col
   patches), the forward plus both gradients at batch 2 and the forward alone (with an affine map and a ReLU after
   it, as in the model) at batch 1, the inference case.
 - Depthwise 5x5 + affine + GELU + 1x1 (the kMaX predictor's pixel head): forward alone and forward + backward, with
-  training's forward as one fused loop over whole images against the blocked loop (`layers._TRAIN_BLOCK_ELEMENTS`).
+  training's forward as one fused loop over whole images against the blocked loop (`cpu_conv.TRAIN_BLOCK_ELEMENTS`).
+
+It times the convolutions alone, each in its own program: no model around them, no start-up, no data.
 
 Each cell is the median of `--rounds` calls after a warm-up call. The two variants of a row are timed alternately,
 so a drift of this shared machine's speed affects both. Values and gradients are checked equal (relative 1e-4).
@@ -31,8 +33,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from panoptic_jax import host_memory  # noqa: E402
-from panoptic_jax.model import layers as L  # noqa: E402
+from panoptic_jax import cli  # noqa: E402
+from panoptic_jax.model import layers  # noqa: E402
+from panoptic_jax.ops import cpu_conv, xla_cpu  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 # (name, input side, in channels, out channels, kernel, stride) at a 641 crop, batch 2.
@@ -79,7 +82,7 @@ def dense_rows(rounds: int) -> list[list]:
     for fn, batch in ((step, 2), (forward, 1)):
       x = jax.random.normal(jax.random.key(0), (batch, side, side, cin))
       lax_fn = jax.jit(functools.partial(fn, jax.lax.conv_general_dilated))
-      ours = jax.jit(functools.partial(fn, L.dense_conv_general_dilated))
+      ours = jax.jit(functools.partial(fn, cpu_conv.conv_general_dilated))
       _check(ours(x, w), lax_fn(x, w))
       t_lax, t_ours = _time_alternately([lax_fn, ours], (x, w), rounds)
       cells += [f"{t_lax:.1f}", f"{t_ours:.1f}", f"{t_lax / t_ours:.2f}x"]
@@ -93,19 +96,13 @@ def depthwise_rows(rounds: int) -> list[list]:
   kernel = jax.random.normal(jax.random.key(1), (5, 5, 1, 256)) * 0.1
   w = jax.random.normal(jax.random.key(2), (256, 256)) * 0.05
 
-  def head(x, kernel, w):
-    y = L.depthwise_conv_general_dilated(x, kernel, (1, 1), ((2, 2), (2, 2)), feature_group_count=256)
-    return jnp.sum(L._matmul_last_axis(L.gelu(y * 1.1 + 0.2), w) ** 2)
+  def head(block, x, kernel, w):
+    y = cpu_conv.depthwise_conv(x, kernel[:, :, 0], ((2, 2), (2, 2)), (1, 1), train_block_elements=block)
+    return jnp.sum(xla_cpu.matmul_last_axis(layers.gelu(y * 1.1 + 0.2), w) ** 2)
 
-  forward = jax.jit(head)
-  grads = {}
-  for label, block in (("one fused loop", None), ("blocked", L._TRAIN_BLOCK_ELEMENTS)):
-    saved = L._TRAIN_BLOCK_ELEMENTS
-    L._TRAIN_BLOCK_ELEMENTS = block
-    try:
-      grads[label] = jax.jit(jax.value_and_grad(head, (0, 1, 2))).lower(x, kernel, w).compile()
-    finally:
-      L._TRAIN_BLOCK_ELEMENTS = saved
+  forward = jax.jit(functools.partial(head, None))
+  grads = {label: jax.jit(jax.value_and_grad(functools.partial(head, block), (0, 1, 2))).lower(x, kernel, w).compile()
+           for label, block in (("one fused loop", None), ("blocked", cpu_conv.TRAIN_BLOCK_ELEMENTS))}
   _check(grads["blocked"](x, kernel, w), grads["one fused loop"](x, kernel, w))
   t_fwd, t_whole, t_blocked = _time_alternately([forward, grads["one fused loop"], grads["blocked"]],
                                                 (x, kernel, w), rounds)
@@ -114,12 +111,10 @@ def depthwise_rows(rounds: int) -> list[list]:
           ["forward + backward, training's forward blocked", f"{t_blocked:.1f}", f"{t_whole / t_blocked:.2f}x", ""]]
 
 
-def main() -> None:
-  host_memory.relaunch_with_malloc_tunables()
-  host_memory.run_cpu_executions_inline()
+def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=7)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   print(common.header("CPU convolutions against lax"))
   print(common.markdown_table(["convolution", "GFLOP fwd+bwd (batch 2)", "fwd+bwd: lax ms", "ours ms", "speed-up",
                                "forward (batch 1): lax ms", "ours ms", "speed-up"], dense_rows(args.rounds)))
@@ -130,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, malloc_tunables=True, inline_dispatch=True)  # As the training entry point runs.

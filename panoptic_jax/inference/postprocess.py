@@ -27,10 +27,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from panoptic_jax import ops
+from panoptic_jax.ops import resize
+
 __all__ = ["PostprocessConfig", "PRESETS", "get_preset", "upsample_logits", "panoptic_merge", "postprocess",
            "VOID"]
 
 VOID = -1
+CPU_BLOCK_PIXELS = 4096  # Pixels per block of the per-pixel stage on CPU (see `_pixel_slots`).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,71 +75,10 @@ def get_preset(name: str) -> PostprocessConfig:
     raise ValueError(f"config.eval.postprocess: unknown preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
-def _integer_factor(n_in: int, n_out: int, align_corners: bool) -> int | None:
-  """k when corner-aligned resizing of n_in to n_out places output k * i on input i; None otherwise."""
-  return (n_out - 1) // (n_in - 1) if align_corners and n_in > 1 and (n_out - 1) % (n_in - 1) == 0 else None
-
-
-def _axis_weights(n_in: int, n_out: int, align_corners: bool):
-  """Source indices (lo, hi) and interpolation weight of hi for 1-D bilinear resizing of n_in to n_out."""
-  out = jnp.arange(n_out, dtype=jnp.int32)
-  k = _integer_factor(n_in, n_out, align_corners)
-  if k is not None:
-    # Output k * i + r lies r / k of the way from input i to i + 1 (the same values as the slice path of
-    # `_upsample_axis`).
-    lo, f = out // k, (out % k).astype(jnp.float32) / k
-  else:
-    if align_corners:
-      pos = out.astype(jnp.float32) * ((n_in - 1) / max(n_out - 1, 1))
-    else:
-      pos = jnp.clip((out.astype(jnp.float32) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    lo = jnp.floor(pos).astype(jnp.int32)
-    f = pos - lo.astype(jnp.float32)
-  lo = jnp.clip(lo, 0, n_in - 1)
-  return lo, jnp.minimum(lo + 1, n_in - 1), f
-
-
-def _upsample_axis(x: jax.Array, axis: int, n_out: int, align_corners: bool) -> jax.Array:
-  """Bilinear resize of one axis of x to n_out."""
-  n_in = x.shape[axis]
-  k = _integer_factor(n_in, n_out, align_corners)
-  if k is not None:
-    # Output k * i + r is x[i] (1 - r / k) + x[i + 1] r / k (x[n_in] := x[n_in - 1]). Slices and broadcasts only: with
-    # gathers (below), the upsampling and the softmax after it took 2x longer on XLA:CPU, and a concatenation of the
-    # last output made XLA's loop branch per element (7x slower).
-    shape = [1] * (x.ndim + 1)
-    shape[axis + 1] = k
-    f = (jnp.arange(k, dtype=jnp.float32) / k).reshape(shape)
-    padded = jnp.concatenate([x, lax.slice_in_dim(x, n_in - 1, n_in, axis=axis)], axis=axis)
-    lower = jnp.expand_dims(lax.slice_in_dim(padded, 0, n_in, axis=axis), axis + 1)
-    upper = jnp.expand_dims(lax.slice_in_dim(padded, 1, n_in + 1, axis=axis), axis + 1)
-    outputs = (lower * (1.0 - f) + upper * f).reshape(*x.shape[:axis], n_in * k, *x.shape[axis + 1:])
-    return lax.slice_in_dim(outputs, 0, n_out, axis=axis)
-  return _interpolate(x, axis, *_axis_weights(n_in, n_out, align_corners))
-
-
-def _interpolate(x: jax.Array, axis: int, lo: jax.Array, hi: jax.Array, f: jax.Array) -> jax.Array:
-  """`x[lo] (1 - f) + x[hi] f` along `axis` for the 1-D index and weight arrays of `_axis_weights`."""
-  f = f.reshape([f.size if a == axis else 1 for a in range(x.ndim)])
-  return jnp.take(x, lo, axis=axis) * (1.0 - f) + jnp.take(x, hi, axis=axis) * f
-
-
-def _corners_aligned(small: tuple[int, int], size: tuple[int, int]) -> bool:
-  """The `output_stride * k + 1` case (odd crops): every (size - 1) a multiple of (small - 1)."""
-  return all(_integer_factor(s, big, True) is not None for s, big in zip(small, size))
-
-
 def upsample_logits(logits: jax.Array, size: tuple[int, int], align_corners: bool | None = None) -> jax.Array:
-  """Bilinear resize of [B, h, w, N] to [B, H, W, N].
-
-  align_corners=None picks corner alignment when (H - 1) and (W - 1) are multiples of (h - 1) and (w - 1) (the
-  `output_stride * k + 1` crops, odd sizes) and half-pixel centres otherwise. Each input row is resized along the
-  width first, then output rows blend two of them (PyTorch's order of operations; `_pixel_slots` does the same).
-  """
-  if align_corners is None:
-    align_corners = _corners_aligned(logits.shape[1:3], size)
-  x = _upsample_axis(logits.astype(jnp.float32), 2, size[1], align_corners)
-  return _upsample_axis(x, 1, size[0], align_corners)
+  """Bilinear resize of [B, h, w, N] to [B, H, W, N] in float32 (`ops.resize_bilinear`; `_pixel_slots` computes
+  the same floats block by block)."""
+  return resize.resize_bilinear(logits.astype(jnp.float32), size, align_corners)
 
 
 def _mask_slots(logits: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -171,12 +114,10 @@ def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: b
 
   Why blocks: at 1281x1281 with 128 slots, every full-resolution [P, N] array is 840 MB, and each pass over one
   (upsampling, softmax, the mask test) is bound by memory bandwidth on CPU. A block of ~4k pixels keeps its
-  [rows * W, N] logits in cache from the upsampling to the per-pixel outputs (`lax.map` over blocks): post-processing
-  at 1281 took 0.33 s unblocked and 0.21 s in blocks of 3 rows. No probability array is written either: the mask test
-  compares the logit with its pixel's logsumexp. The width is resized once, on the h input rows ([h, W, N], a
-  quarter of the full-resolution array at stride 4), so a block only blends two of those rows per output row: the
-  width resizing had been repeated for every output row (post-processing alone at 641: 87 -> 72 ms, at 1281: 389
-  -> 283 ms, medians of interleaved calls).
+  [rows * W, N] logits in cache from the upsampling to the per-pixel outputs (`lax.map` over blocks). No probability
+  array is written either: the mask test compares the logit with its pixel's logsumexp. The width is resized once,
+  on the h input rows ([h, W, N], a quarter of the full-resolution array at stride 4), so a block only blends two of
+  those rows per output row rather than resizing the width again for every output row.
 
   Args:
     mask_logits: [h, w, N] slot logits.
@@ -190,17 +131,17 @@ def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: b
     slots int32 [P, 2] (`_mask_slots`), probs float32 [P, 2] their probabilities (undefined where the slot is N),
     semantic_probs float32 [P, C] = mask probabilities @ class_probs; P = H * W in row-major order.
   """
-  (h, w, n), (big_h, big_w) = mask_logits.shape, size
+  (h, _, n), (big_h, big_w) = mask_logits.shape, size
   rows_per_block = big_h if block_pixels is None else min(big_h, max(1, block_pixels // big_w))
   num_blocks = -(-big_h // rows_per_block)
-  lo, hi, frac = (jnp.pad(a, (0, num_blocks * rows_per_block - big_h)).reshape(num_blocks, rows_per_block)
-                  for a in _axis_weights(h, big_h, align_corners))
-  wide = _upsample_axis(mask_logits.astype(jnp.float32), 1, big_w, align_corners)  # [h, W, N]
+  lo, hi, frac = (jnp.pad(jnp.asarray(a), (0, num_blocks * rows_per_block - big_h)).reshape(num_blocks, rows_per_block)
+                  for a in resize.taps(h, big_h, align_corners))
+  wide = resize.resize_axis(mask_logits.astype(jnp.float32), 1, big_w, align_corners)  # [h, W, N]
   log_confidence = jnp.log(jnp.float32(pixel_confidence))
 
   def block(rows):
     # The rows of `upsample_logits`, same arithmetic.
-    logits = _interpolate(wide, 0, *rows).reshape(-1, n)  # [rows * W, N]
+    logits = resize.lerp_along(wide, 0, *rows).reshape(-1, n)  # [rows * W, N]
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
     slots = _mask_slots(logits, lse + log_confidence)
     probs = jnp.exp(jnp.take_along_axis(logits, jnp.minimum(slots, n - 1), axis=1) - lse)
@@ -209,11 +150,6 @@ def _pixel_slots(mask_logits: jax.Array, size: tuple[int, int], align_corners: b
   slots, probs, semantic = lax.map(block, (lo, hi, frac))
   flat = lambda x: x.reshape(-1, x.shape[-1])[:big_h * big_w]  # noqa: E731
   return flat(slots), flat(probs), flat(semantic)
-
-
-def _default_block_pixels() -> int | None:
-  """Cache-sized blocks on CPU (see `_pixel_slots`); accelerators take the whole image at once."""
-  return 4096 if jax.default_backend() == "cpu" else None
 
 
 def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: jax.Array,
@@ -236,8 +172,8 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
     label_divisor: panoptic label divisor (static).
     image_size: (H, W) output size (static); None: (h, w), no upsampling.
     align_corners: upsampling convention (static; see `upsample_logits`).
-    block_pixels: pixels per block of the per-pixel stage (static); None: one block; -1: 4096 on CPU, one block on
-      accelerators.
+    block_pixels: pixels per block of the per-pixel stage (static); None: one block; -1: CPU_BLOCK_PIXELS on CPU, one
+      block on accelerators.
 
   Returns dict:
     panoptic [H, W] int32 (VOID = -1);
@@ -251,16 +187,20 @@ def panoptic_merge(mask_logits: jax.Array, class_logits: jax.Array, is_thing: ja
   h, w, n = mask_logits.shape
   image_size = (h, w) if image_size is None else tuple(image_size)
   if align_corners is None:
-    align_corners = _corners_aligned((h, w), image_size)
+    align_corners = resize.corners_aligned((h, w), image_size)
   num_classes = class_logits.shape[-1] - 1
   class_probs = jax.nn.softmax(class_logits.astype(jnp.float32), axis=-1)[:, :num_classes]
   conf = jnp.max(class_probs, axis=-1)
   category = jnp.argmax(class_probs, axis=-1).astype(jnp.int32)
   thing = jnp.asarray(is_thing, bool)[category]
 
-  slots, probs, semantic_probs = _pixel_slots(  # [P, 2], [P, 2], [P, C]
-      mask_logits, image_size, align_corners, config.pixel_confidence, class_probs,
-      _default_block_pixels() if block_pixels == -1 else block_pixels)
+  pixel_slots = lambda blocks: lambda m, c: _pixel_slots(  # noqa: E731
+      m, image_size, align_corners, config.pixel_confidence, c, blocks)
+  if block_pixels == -1:  # Cache-sized blocks on CPU; accelerators take the whole image at once.
+    per_pixel = ops.by_platform(mask_logits, class_probs, cpu=pixel_slots(CPU_BLOCK_PIXELS), default=pixel_slots(None))
+  else:
+    per_pixel = pixel_slots(block_pixels)(mask_logits, class_probs)
+  slots, probs, semantic_probs = per_pixel  # [P, 2], [P, 2], [P, C]
   area = jnp.zeros((n + 1,), jnp.int32).at[slots.ravel()].add(1)[:n]
   mask_score = jnp.zeros((n + 1,), jnp.float32).at[slots.ravel()].add(probs.ravel())[:n] / jnp.maximum(area, 1)
   rank_score = conf ** config.class_weight * mask_score ** config.mask_weight

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from panoptic_jax import ops
 from panoptic_jax.model import layers as L
 from panoptic_jax.model import sharding_rules as ax
 
@@ -98,7 +99,7 @@ class SemanticDecoderHead(nnx.Module):
     x = self.aspp(features[32])
     for s, proj, dw, pw in zip(self.low_strides, self.proj, self.fuse_dw, self.fuse_pw):
       low = proj(features[s])
-      x = L.resize_bilinear(x, low.shape[1:3])
+      x = ops.resize_bilinear(x, low.shape[1:3])
       x = pw(dw(jnp.concatenate([x, low], axis=-1)))
     return self.classifier(self.head_pw(self.head_dw(x))).astype(jnp.float32)
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from panoptic_jax import ops
 from panoptic_jax.model import layers as L
 from panoptic_jax.model import sharding_rules as ax
 from panoptic_jax.model.heads import KMaXPredictor
@@ -128,7 +129,7 @@ class KMaXTransformerDecoder(nnx.Module):
         aux.append(pred)
         idx += 1
     final = self.predictor(self.mask_proj(centres), self.class_proj(centres), panoptic)
-    # Pixel features stay at the block's stride: the losses read 4096 of their pixels (`L.sample_bilinear`).
+    # Pixel features stay at the block's stride: the losses read 4096 of their pixels (`ops.sample_bilinear`).
     size = final["mask_logits"].shape[1:3]
-    aux = tuple({**a, "mask_logits": L.resize_bilinear(a["mask_logits"], size)} for a in aux)
+    aux = tuple({**a, "mask_logits": ops.resize_bilinear(a["mask_logits"], size)} for a in aux)
     return final, aux

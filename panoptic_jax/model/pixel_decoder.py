@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from panoptic_jax import ops
 from panoptic_jax.model import layers as L
 from panoptic_jax.model import sharding_rules as ax
 
@@ -152,7 +153,7 @@ class ResizedFuse(nnx.Module):
   def __call__(self, low, high):
     if self.low is not None:
       low = self.low(L.gelu(low))
-    low = L.resize_bilinear(low, high.shape[1:3])
+    low = ops.resize_bilinear(low, high.shape[1:3])
     if self.high is not None:
       high = self.high(L.gelu(high))
     return low + high
@@ -193,9 +194,7 @@ class PixelDecoder(nnx.Module):
 
   def __call__(self, features: dict[int, jax.Array]):
     outs = []
-    # The LayerNorms' backward stays out of the YNNPACK fusions of the matmuls around it (see ynn_grad_boundary).
-    normed = [L.ynn_grad_boundary(norm(L.ynn_grad_boundary(features[s])))
-              for norm, s in zip(self.in_norms, self.strides)]
+    normed = [norm(features[s]) for norm, s in zip(self.in_norms, self.strides)]
     x = normed[0]
     for i in range(len(self.strides)):
       if i > 0:

@@ -1,4 +1,4 @@
-"""Mask-wise merge against a plain loop-based numpy version; upsampling; presets."""
+"""Mask-wise merge against a plain loop-based numpy version; presets (the upsampling: tests/ops/test_resize.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -90,28 +90,6 @@ def test_merge_matches_numpy(preset, low_res, image_size, block_pixels):
     assert set(ids.tolist()) == set(np.unique(ref_map[ref_map >= 0]).tolist())
     nonvoid_seen += (ref_map >= 0).sum()
   assert nonvoid_seen > 0
-
-
-def test_upsample_align_corners_and_half_pixel():
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(1, 5, 4, 3)).astype(np.float32)
-  # Odd sizes (stride 4: 5 -> 17, 4 -> 13): corners aligned; compare with a loop.
-  up = np.asarray(pp.upsample_logits(jnp.asarray(x), (17, 13)))
-  ref = np.zeros((17, 13, 3))
-  for i in range(17):
-    for j in range(13):
-      y, xx = i * 4 / 16, j * 3 / 12
-      y0, x0 = int(np.floor(y)), int(np.floor(xx))
-      y1, x1 = min(y0 + 1, 4), min(x0 + 1, 3)
-      fy, fx = y - y0, xx - x0
-      ref[i, j] = ((1 - fy) * (1 - fx) * x[0, y0, x0] + (1 - fy) * fx * x[0, y0, x1]
-                   + fy * (1 - fx) * x[0, y1, x0] + fy * fx * x[0, y1, x1])
-  np.testing.assert_allclose(up[0], ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(up[0, ::4, ::4], x[0], rtol=1e-6)
-  # Even sizes: half-pixel centres, as jax.image.resize.
-  up = pp.upsample_logits(jnp.asarray(x), (20, 16))
-  np.testing.assert_allclose(np.asarray(up), np.asarray(jax.image.resize(x, (1, 20, 16, 3), "bilinear")),
-                             rtol=1e-5, atol=1e-5)
 
 
 def test_presets_table_and_errors():
