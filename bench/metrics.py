@@ -47,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from panoptic_jax import host_memory  # noqa: E402
+from panoptic_jax import cli  # noqa: E402
 from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator,  # noqa: E402
                                                       aligned_full, panoptic_stats)
 
@@ -287,14 +287,14 @@ def bench(name, h, w, segments, count, batch_size, max_segments, repeats, rng, t
           "threads": {k: cpu / wall for k, (wall, cpu) in best.items()}}
 
 
-def main():
+def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--coco_images", type=int, default=64)
   parser.add_argument("--cityscapes_images", type=int, default=16)
   parser.add_argument("--dense_images", type=int, default=16)
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds; each keeps its best")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rng = np.random.default_rng(0)
   load = os.getloadavg()
   rows = []
@@ -331,5 +331,4 @@ def main():
 
 
 if __name__ == "__main__":
-  host_memory.relaunch_with_malloc_tunables()  # As `python -m panoptic_jax.evaluate` does (all three implementations).
-  main()
+  cli.run(main, malloc_tunables=True)  # As `python -m panoptic_jax.evaluate` runs (all three implementations).

@@ -35,9 +35,9 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from panoptic_jax import host_memory  # noqa: E402
+from panoptic_jax import cli  # noqa: E402
 from panoptic_jax.inference import postprocess as pp  # noqa: E402
-from panoptic_jax.model.kmax_deeplab import (DATASET_CLASSES, abstract_model, build_model,  # noqa: E402
+from panoptic_jax.model.kmax_deeplab import (abstract_model, build_model, default_num_classes,  # noqa: E402
                                              param_breakdown)
 
 # The authors' PyTorch port, kmax_r50_coco (133 + 1 classes): /work/shared/reference/kmax.md section 6.
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
   p.add_argument("--no_post", action="store_true", help="time the forward pass only")
   p.add_argument("--out", default=None, help="JSON file for the results")
   args = p.parse_args(argv)
-  num_classes = args.num_classes or next((n for d, n in DATASET_CLASSES.items() if d in args.preset), 133)
+  num_classes = args.num_classes or default_num_classes(args.preset)
   results = {"preset": args.preset, "num_classes": num_classes, "dtype": args.dtype,
              "device": common.device_description(), "argv": sys.argv}
   head = common.header(f"Parameters, {args.preset} ({num_classes} + 1 classes)")
@@ -154,6 +154,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.relaunch_with_malloc_tunables()  # As the training entry point does (panoptic_jax/host_memory.py).
-  host_memory.run_cpu_executions_inline()
-  sys.exit(main())
+  cli.run(main, malloc_tunables=True, inline_dispatch=True)  # As the training entry point runs.

@@ -7,7 +7,7 @@
     python bench/train.py --preset kmax_tiny --size 129 --memory_size 257 --per_device 2 --steps 2   # quick check
 
 Everything goes through `panoptic_jax.training.train`: `create_state` (state initialised in its shardings),
-`optim.make_optimizer` and `losses.LossConfig` from configs/coco.py, and `_compiled_train_step` compiled with
+`optim.make_optimizer` and `losses.LossConfig` from configs/coco.py, and `jit_train_step` compiled with
 `train.compile_train_step`, exactly as the training loop does (state donated, batch sharded over the mesh, the
 step's XLA options).
 
@@ -55,7 +55,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import common  # noqa: E402
-from panoptic_jax import host_memory  # noqa: E402
+from panoptic_jax import cli  # noqa: E402
 from panoptic_jax.data import pipeline, synthetic  # noqa: E402
 from panoptic_jax.data.dataset import Dataset  # noqa: E402
 from panoptic_jax.model import kmax_deeplab  # noqa: E402
@@ -91,12 +91,9 @@ def recipe(base: ml_collections.ConfigDict, preset: str, size: int, batch: int, 
 
 def make_step(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh):
   """(jitted train step, model definition, state, state shardings) as `train.run` builds them."""
-  tx, schedule = optim.make_optimizer(
-      config.optim.base_lr, config.optim.warmup_steps, config.train.steps, config.optim.weight_decay,
-      config.optim.backbone_multiplier, config.optim.b1, config.optim.b2, config.optim.eps, config.optim.poly_power)
+  tx, schedule = optim.make_optimizer(total_steps=config.train.steps, **config.optim)
   model_def, state, shardings = train.create_state(config, num_classes, mesh, tx)
-  loss_config = losses.LossConfig.from_config(config.loss)
-  step_fn = train._compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
+  step_fn = train.jit_train_step(model_def, tx, schedule, losses.LossConfig(**config.loss), shardings, mesh)
   return step_fn, model_def, state, shardings
 
 
@@ -128,7 +125,7 @@ def read_batches(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfi
   synthetic.generate(workdir, num_train=max(4, config.train.batch_size), num_val=0, seed=config.seed,
                      height=render_size, width=render_size, num_workers=0, progress=False)
   iterator = pipeline.make_train_iterator(Dataset.open(str(pathlib.Path(workdir) / "train")),
-                                          train._pipeline_config(config, arch))
+                                          train.pipeline_config(config, arch))
   batches = [next(iterator) for _ in range(count)]
   if hasattr(iterator, "close"):
     iterator.close()
@@ -282,7 +279,7 @@ def bench_breakdown(base: ml_collections.ConfigDict, args: argparse.Namespace) -
   outputs = jax.eval_shape(lambda s, x: nnx.merge(graph, s)(x), state, image)
   batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype)
            in batch_spec(args.batch, args.size, model.cfg).items()}
-  loss_config = losses.LossConfig.from_config(base.loss)
+  loss_config = losses.LossConfig(**base.loss)
   loss_fn = lambda o, b: losses.kmax_losses(o, b, loss_config, jax.random.key(0))[0]
   parts = [("backbone", model.backbone, lambda m, x: m(x), image, False),
            ("pixel decoder", model.pixel_decoder, lambda m, f: m(f), feats, True),
@@ -371,6 +368,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.relaunch_with_malloc_tunables()  # As the training entry point does (panoptic_jax/host_memory.py).
-  host_memory.run_cpu_executions_inline()
-  sys.exit(main())
+  cli.run(main, malloc_tunables=True, inline_dispatch=True)  # As the training entry point runs.

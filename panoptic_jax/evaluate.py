@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 
-from panoptic_jax import host_memory
+from panoptic_jax import cli
 from panoptic_jax.evaluation import evaluator as evaluator_lib
 from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
 
@@ -76,5 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  host_memory.relaunch_with_malloc_tunables()  # Cityscapes-size maps: +20-30% images/s (panoptic_jax/host_memory.py).
-  sys.exit(main())
+  cli.run(main, malloc_tunables=True)  # Large maps' temporaries stay mapped (panoptic_jax/host_memory.py).

@@ -1,11 +1,9 @@
-"""Cheap memory for XLA:CPU's per-execution buffers: glibc tunables (entry points re-execute themselves once with
-them) and inline single-device dispatch.
+"""Cheap memory for XLA:CPU's per-execution buffers, on CPU-only hosts: glibc malloc tunables and inline dispatch.
 
-XLA:CPU allocates an executable's temporaries afresh at every execution (~430 MB for the demo's train step, 6.7 GB
-for ResNet-50 at 641) and frees them after it. glibc serves any block over 32 MiB with a new mmap and unmaps it on
-free, so every step the kernel faults that memory in again and zeroes it: ~20% of the demo's CPU step with 4 KiB
-pages, and still 4-5 s of kernel time per 13-s R50 step with 2 MiB pages (`perf`: `clear_page_erms` under the
-step's first writes). Two changes remove it:
+XLA:CPU allocates an executable's temporaries afresh at every execution (several GB for a ResNet-50 train step) and
+frees them after it. glibc serves any block over 32 MiB with a new mmap and unmaps it on free, so at every step the
+kernel faults that memory in again and zeroes it: seconds of kernel time per ResNet-50 step (BENCHMARKS.md, "Training
+step"). Two process settings remove it:
 
 - glibc tunables, read when a process starts (so `relaunch_with_malloc_tunables()` re-executes the command line
   once with them):
@@ -15,29 +13,45 @@ step's first writes). Two changes remove it:
     is advised to use 2 MiB pages.
 - `run_cpu_executions_inline()`: single-device CPU executions run on the calling (main) thread. Only the main
   thread allocates from the heap those tunables govern: other threads use glibc's per-thread arenas, which map
-  blocks over 64 MiB separately whatever the tunables say. Together: kernel time per R50 step 4.3 -> 0.1 s, the
-  step 13.9 -> 11.3 s (BENCHMARKS.md, "Training step", session 9); neither change alone moved it.
+  blocks over 64 MiB separately whatever the tunables say. Neither change helps alone.
 
-The process keeps its peak heap mapped until it exits (its peak RSS is unchanged). Executions over several devices
-of one process (fake CPU devices, `--xla_force_host_platform_device_count`) stay asynchronous on worker threads, so
-their temporaries are still mapped afresh at every step; one CPU device per process is what the fix covers. A
-tunable the user already set in `GLIBC_TUNABLES` stands; where none applies (not Linux or glibc) nothing changes.
+Both apply only where they help: on a host whose JAX can only use the CPU (no GPU or TPU plugin installed, or
+`JAX_PLATFORMS=cpu`), on Linux with glibc. On an accelerator host the device's allocator keeps its own memory, and
+the tunables would only keep the host's peak heap mapped. The process keeps its peak heap mapped until it exits (its
+peak RSS is unchanged). Executions over several devices of one process (fake CPU devices) stay asynchronous.
 
-    if __name__ == "__main__":
-      host_memory.relaunch_with_malloc_tunables()  # First thing: before threads start or files open.
-      app.run(main)
+Opting out: `PANOPTIC_JAX_MALLOC_TUNING=0`; a tunable the user has set in `GLIBC_TUNABLES` stands. The command-line
+entry points call `configure()` through `panoptic_jax.cli`, the one place that does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
+import pkgutil
 import platform
 import sys
 
 THP_MODE = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled")
+OPT_OUT = "PANOPTIC_JAX_MALLOC_TUNING"
 _HEAP_TUNABLES = {"glibc.malloc.mmap_max": "0", "glibc.malloc.trim_threshold": str(2 ** 40)}
 _HUGE_PAGES = {"glibc.malloc.hugetlb": "1"}
+def _accelerator_plugins() -> list[str]:
+  """JAX's PJRT plugins (the `jax_plugins` namespace: CUDA, ROCm, ...) and the TPU runtime that are installed."""
+  found = ["libtpu"] if importlib.util.find_spec("libtpu") is not None else []
+  spec = importlib.util.find_spec("jax_plugins")
+  if spec is not None and spec.submodule_search_locations:
+    found += [module.name for module in pkgutil.iter_modules(list(spec.submodule_search_locations))]
+  return found
+
+
+def cpu_only(environ: dict[str, str]) -> bool:
+  """Whether JAX in this process can only use the CPU (decided without importing JAX)."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms == "cpu"
+  return not _accelerator_plugins()
 
 
 def missing_tunables(environ: dict[str, str], thp_mode: str | None, libc: str, system: str) -> dict[str, str]:
@@ -73,14 +87,21 @@ def relaunch_with_malloc_tunables() -> None:
 def run_cpu_executions_inline() -> None:
   """Runs single-device CPU executions on the calling thread (`jax_cpu_enable_async_dispatch=False`).
 
-  For processes that alternate a large jitted step with little host work (training, inference benchmarks); not for
-  pipelines that overlap host work with single-device executions (the evaluator). Call it before JAX creates its
-  CPU client (the first use of a device); computations over several devices keep asynchronous dispatch.
+  For processes that alternate a large jitted step with little host work (training, inference); not for pipelines
+  that overlap host work with single-device executions (the evaluator). The CPU client reads the setting when it is
+  created, so this must come before JAX's first use of a device.
   """
-  import jax  # Here, so that importing this module (first thing in an entry point) does not import JAX.
-  from jax._src import xla_bridge
+  import jax  # Here: the relaunch, before it, should not pay for importing JAX.
 
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError("run_cpu_executions_inline() must run before JAX's first use of a device: the CPU client "
-                       "reads jax_cpu_enable_async_dispatch when it is created")
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def configure(*, malloc_tunables: bool, inline_dispatch: bool) -> None:
+  """Applies the chosen settings when this is a CPU-only host and the user has not opted out. First thing in an
+  entry point: the relaunch replaces the process image."""
+  if os.environ.get(OPT_OUT, "1") == "0" or not cpu_only(dict(os.environ)):
+    return
+  if malloc_tunables:
+    relaunch_with_malloc_tunables()
+  if inline_dispatch:
+    run_cpu_executions_inline()

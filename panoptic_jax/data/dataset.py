@@ -18,6 +18,7 @@ import dataclasses
 import io
 import logging
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -145,6 +146,13 @@ class Dataset:
       logging.warning("%s: %d of %d annotations have no image in %s/ (kept in unpaired_annotations): %s", where,
                       len(unpaired_annotations), len(annotations), IMAGES, _listed(unpaired_annotations))
     return cls(storage, info, examples, unpaired_images, unpaired_annotations, len(images), len(annotations))
+
+  def in_label_space(self, categories: Sequence[str], is_thing: Sequence[bool], reference: str) -> "Dataset":
+    """This dataset with its maps decoded in another dataset's label space (categories matched by name, e.g. a
+    validation set whose metadata lists them in another order); FormatError when the categories differ."""
+    info = fmt.in_label_space(self.info, categories, is_thing, self.storage.describe(), reference)
+    return Dataset(self.storage, info, self.examples, self.unpaired_images, self.unpaired_annotations,
+                   self.num_images, self.num_annotations)
 
   def __len__(self) -> int:
     return len(self.examples)

@@ -22,6 +22,9 @@ import tifffile
 import yaml
 from PIL import Image
 
+from panoptic_jax.errors import UserError
+
+
 VOID = -1
 TASK = "panoptic segmentation"
 DEFAULT_LABEL_DIVISOR = 1000
@@ -33,7 +36,7 @@ _UNKNOWN_COLOR = -1
 _MAX_SEGMENT_KEYS = 1 << 22
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
   """A dataset file does not follow the format; the message names the file and what is wrong."""
 
 
@@ -66,6 +69,35 @@ class DatasetInfo:
   @property
   def stuff_ids(self) -> np.ndarray:
     return np.flatnonzero(~np.asarray(self.is_thing, bool))
+
+
+def in_label_space(info: DatasetInfo, categories: Sequence[str], is_thing: Sequence[bool], where: str,
+                   reference: str) -> DatasetInfo:
+  """`info` with its categories in the order of `categories` (matched by name), so that maps decoded with it use
+  that label space; colours travel with their names.
+
+  Raises:
+    FormatError: the names differ (missing, extra or renamed categories) or a category is a thing on one side and
+      stuff on the other; the message lists each difference.
+  """
+  mine, theirs = list(info.categories), list(categories)
+  problems = []
+  missing, extra = [c for c in theirs if c not in mine], [c for c in mine if c not in theirs]
+  if missing:
+    problems.append(f"missing {missing}")
+  if extra:
+    problems.append(f"not in {reference}: {extra}")
+  if not problems:
+    role = dict(zip(mine, info.is_thing))
+    flipped = [c for c, thing in zip(theirs, is_thing) if role[c] != bool(thing)]
+    if flipped:
+      problems.append(f"thing / stuff differs for {flipped}")
+  if problems:
+    raise FormatError(f"{where}: its categories do not match those of {reference} ({'; '.join(problems)}); "
+                      f"categories are matched by name: {theirs}")
+  color = dict(zip(mine, info.colors))
+  return dataclasses.replace(info, categories=tuple(theirs), colors=tuple(color[c] for c in theirs),
+                             is_thing=tuple(bool(t) for t in is_thing))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from panoptic_jax import cli
 from panoptic_jax.data import dataset_format as fmt
 
 __all__ = ["INFO", "SPLITS", "GENERATOR_VERSION", "render_scene", "encode_example", "generate", "ensure_demo_dataset"]
@@ -950,4 +951,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -28,6 +28,7 @@ import numpy as np
 import tifffile
 import tqdm
 
+from panoptic_jax import cli
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import Dataset, image_size
 from panoptic_jax.data.storage import StorageError
@@ -240,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

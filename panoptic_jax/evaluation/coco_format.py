@@ -24,10 +24,11 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from panoptic_jax.errors import UserError
 from panoptic_jax.evaluation.panoptic_quality import NO_CROWD, UNLISTED, VOID
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserError, ValueError):
   """COCO panoptic input that cannot be evaluated; the message names the file, image, segment or category."""
 
 

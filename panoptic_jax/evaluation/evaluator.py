@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from panoptic_jax.errors import UserError
 from panoptic_jax.evaluation import instance as instance_lib
 from panoptic_jax.evaluation import semantic as semantic_lib
 from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
@@ -28,7 +29,7 @@ from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQu
 MAX_SEGMENTS_LIMIT = 2048
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
   """The two sides cannot be evaluated together; the message names the image, category or file."""
 
 

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from panoptic_jax.model.kmax_deeplab import DATASET_CLASSES, PRESETS, abstract_model, param_breakdown  # noqa: E402
+from panoptic_jax import cli  # noqa: E402
+from panoptic_jax.model.kmax_deeplab import PRESETS, abstract_model, default_num_classes, param_breakdown  # noqa: E402
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m panoptic_jax.model", description=__doc__)
   parser.add_argument("--preset", default="kmax_r50_coco", choices=sorted(PRESETS))
   parser.add_argument("--num_classes", type=int, default=None,
-                      help="classes without void (default: from the preset's dataset name, else 133)")
+                      help="classes without void (default: the preset's dataset, else 133)")
   args = parser.parse_args(argv)
   num_classes = args.num_classes
   if num_classes is None:
-    num_classes = next((n for d, n in DATASET_CLASSES.items() if d in args.preset), 133)
+    num_classes = default_num_classes(args.preset)
   t0 = time.perf_counter()
   parts = param_breakdown(abstract_model(args.preset, num_classes))
   dt = time.perf_counter() - t0
@@ -36,4 +36,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

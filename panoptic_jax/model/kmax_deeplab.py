@@ -10,7 +10,7 @@ Output contract (`KMaXDeepLab.__call__`), with K = num_classes (the void class i
     "mask_logits":   [B, h, w, N]    per-pixel slot logits at the output stride
     "pixel_feature": [B, h, w, E]    L2-normalised pixel embedding (E = 128) at the output stride
     "aux_outputs":   tuple of one dict per transformer block (6), same three keys; deep supervision. Mask logits
-                     are bilinearly resized to [h, w] (`layers.resize_bilinear`); pixel features stay at the
+                     are bilinearly resized to [h, w] (`ops.resize_bilinear`); pixel features stay at the
                      block's stride (32, 16, 8), the losses upsample them only at the pixels they sample
     "semantic_logits": [B, hs, ws, K + 1]   auxiliary semantic logits, only while training (`model.train()`) and
                      when the preset has a semantic head (stride 4 for the COCO decoder, 32 for the Cityscapes head)
@@ -22,18 +22,23 @@ deterministic, no semantic head). `__call__(..., with_semantic=True/False)` over
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from panoptic_jax.model import layers as L
 from panoptic_jax.model.backbones.convnext import ConvNeXt
 from panoptic_jax.model.backbones.resnet import ResNet
 from panoptic_jax.model.heads import SemanticDecoderHead, SemanticSimpleHead
 from panoptic_jax.model.kmax_decoder import KMaXTransformerDecoder
 from panoptic_jax.model.pixel_decoder import PixelDecoder
+
+
+# The coarsest feature stride (the backbone's last stage). On inputs of `MAX_STRIDE * k + 1` pixels per side every
+# stride's features lie on the image's pixel grid (feature i of stride s on pixel s * i), which the corner-aligned
+# resizes between strides assume; kMaX's crops are of this form (641, 1281, 1025x2049).
+MAX_STRIDE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,31 +121,27 @@ PRESETS: dict[str, KMaXConfig] = {
     "kmax_tiny_cityscapes": _cityscapes(_TINY, 8).replace(num_slots=_TINY.num_slots),
 }
 
-# Classes per dataset (without void) for presets named after it; `num_classes` in build_model overrides.
+# Classes per dataset (without void): the published heads' sizes, for presets named after the dataset.
 DATASET_CLASSES = {"coco": 133, "cityscapes": 19, "ade20k": 150}
 
 
-def get_config(preset: str | KMaXConfig | Mapping[str, Any], **overrides) -> KMaXConfig:
-  """A preset name, a `KMaXConfig`, or a mapping of fields (e.g. a ConfigDict) -> `KMaXConfig` with overrides."""
+def default_num_classes(preset: str) -> int:
+  """The classes (without void) of the dataset a preset is named after (`kmax_r50_cityscapes` -> 19); COCO's 133 for
+  presets named after none (the command-line tools' default)."""
+  return next((n for dataset, n in DATASET_CLASSES.items() if dataset in preset), DATASET_CLASSES["coco"])
+
+
+def get_config(preset: str | KMaXConfig, **overrides) -> KMaXConfig:
+  """A preset name or a `KMaXConfig`, with field overrides -> the checked `KMaXConfig`."""
   if isinstance(preset, str):
     if preset not in PRESETS:
       raise ValueError(f"unknown model preset {preset!r}; expected one of {sorted(PRESETS)}")
-    cfg = PRESETS[preset]
-  elif isinstance(preset, KMaXConfig):
-    cfg = preset
-  else:
-    fields = {f.name for f in dataclasses.fields(KMaXConfig)}
-    items = dict(preset.items() if hasattr(preset, "items") else preset)
-    unknown = sorted(set(items) - fields)
-    if unknown:
-      raise ValueError(f"model config: unknown fields {unknown}; expected some of {sorted(fields)}")
-    cfg = KMaXConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in items.items()})
-  if overrides:
-    fields = {f.name for f in dataclasses.fields(KMaXConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-      raise ValueError(f"model overrides: unknown fields {unknown}; expected some of {sorted(fields)}")
-    cfg = cfg.replace(**overrides)
+    preset = PRESETS[preset]
+  fields = {f.name for f in dataclasses.fields(KMaXConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"model config: unknown fields {unknown}; expected some of {sorted(fields)}")
+  cfg = preset.replace(**overrides)
   if cfg.output_stride not in (2, 4):
     raise ValueError(f"model config output_stride: expected 2 or 4, found {cfg.output_stride}")
   if len(cfg.pixel_decoder_widths) != {4: 4, 2: 5}[cfg.output_stride]:
@@ -152,6 +153,8 @@ def get_config(preset: str | KMaXConfig | Mapping[str, Any], **overrides) -> KMa
                      "finest feature is at stride 4")
   if cfg.semantic_head not in ("decoder", "simple", "none"):
     raise ValueError(f"model config semantic_head: expected decoder, simple or none; found {cfg.semantic_head!r}")
+  if cfg.num_slots < 1:
+    raise ValueError(f"model config num_slots: expected a positive number of mask slots, found {cfg.num_slots}")
   return cfg
 
 
@@ -212,21 +215,14 @@ class KMaXDeepLab(nnx.Module):
     return out
 
 
-def build_model(preset: str | KMaXConfig | Mapping[str, Any], num_classes: int | None = None, *,
-                rngs: nnx.Rngs, **overrides) -> KMaXDeepLab:
+def build_model(preset: str | KMaXConfig, num_classes: int, *, rngs: nnx.Rngs, **overrides) -> KMaXDeepLab:
   """Builds a kMaX-DeepLab model from a preset name / config (+ field overrides).
 
-  `num_classes` excludes void; it defaults to the dataset in the preset name (coco 133, cityscapes 19). Parameters
-  carry logical axis names; inside `jax.set_mesh(mesh)` + `nnx.logical_axis_rules(rules)` they are created sharded,
-  otherwise unsharded (metadata kept, see `sharding_rules.param_shardings`).
+  `num_classes` excludes void. Parameters carry logical axis names; inside `jax.set_mesh(mesh)` +
+  `nnx.logical_axis_rules(rules)` they are created sharded, otherwise unsharded (metadata kept, see
+  `sharding_rules.param_shardings`).
   """
   cfg = get_config(preset, **overrides)
-  if num_classes is None:
-    name = preset if isinstance(preset, str) else ""
-    matches = [n for d, n in DATASET_CLASSES.items() if d in name]
-    if not matches:
-      raise ValueError(f"build_model: num_classes is required for preset {name or 'config'!r}")
-    num_classes = matches[0]
   if num_classes < 1:
     raise ValueError(f"build_model: num_classes must be >= 1, found {num_classes}")
   if jax.sharding.get_abstract_mesh().empty:
@@ -256,8 +252,7 @@ def _abstract_rngs(seed: int = 0) -> nnx.Rngs:
   return rngs
 
 
-def abstract_model(preset: str | KMaXConfig | Mapping[str, Any], num_classes: int | None = None,
-                   **overrides) -> KMaXDeepLab:
+def abstract_model(preset: str | KMaXConfig, num_classes: int, **overrides) -> KMaXDeepLab:
   """The model with `jax.ShapeDtypeStruct` leaves (nothing materialised): for parameter counts and shardings."""
   return nnx.eval_shape(lambda: build_model(preset, num_classes, rngs=_abstract_rngs(), **overrides))
 

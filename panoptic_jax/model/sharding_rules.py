@@ -15,8 +15,9 @@ Names (the complete set used by `panoptic_jax.model`):
 | clusters   | the mask-slot axis of the learnable cluster centres                   | None              |
 | relpos     | the relative-distance axis of axial-attention position tables         | None              |
 
-FSDP shards the output-channel axis of every large kernel over the `fsdp` mesh axis; the batch is sharded over
-`("data", "fsdp")` by the training code. Use `param_shardings` to turn a model's state into `NamedSharding`s: it
+The mesh has the axes `MESH_AXES`: `data` (pure data parallelism) and `fsdp` (data parallelism whose parameters are
+also sharded). FSDP shards the output-channel axis of every large kernel over `fsdp`; the training code splits the
+batch over both axes. Use `param_shardings` to turn a model's state into `NamedSharding`s: it
 replicates any axis whose size does not divide the mesh axis size (jit arguments must divide evenly).
 """
 
@@ -39,25 +40,23 @@ EMBED = "embed"
 CLUSTERS = "clusters"
 RELPOS = "relpos"
 
-ALL_NAMES = (CONV_H, CONV_W, CONV_IN, CONV_OUT, MLP, CLASSES, NORM, EMBED, CLUSTERS, RELPOS)
+DATA = "data"
+FSDP = "fsdp"
+MESH_AXES = (DATA, FSDP)
 
-# Logical name -> mesh axis (or None = replicated). "batch" is for activations / inputs.
+# Logical name -> mesh axis (or None = replicated).
 DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
     (CONV_H, None),
     (CONV_W, None),
     (CONV_IN, None),
-    (CONV_OUT, "fsdp"),
-    (MLP, "fsdp"),
+    (CONV_OUT, FSDP),
+    (MLP, FSDP),
     (CLASSES, None),
     (NORM, None),
     (EMBED, None),
     (CLUSTERS, None),
     (RELPOS, None),
 )
-
-# Everything replicated (pure data parallelism).
-REPLICATED_AXIS_RULES: tuple[tuple[str, Any], ...] = tuple((name, None) for name, _ in DEFAULT_AXIS_RULES)
 
 
 def _mesh_axis_size(mesh: Mesh, axis: Any) -> int:

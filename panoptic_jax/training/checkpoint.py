@@ -3,6 +3,12 @@
 A checkpoint holds two items: `state` (a pytree of arrays: parameters, batch statistics, optimizer state, step, RNG)
 and `data` (the input iterator's position), so that a resumed run sees exactly the batches the interrupted run would
 have seen. Saves are asynchronous; restoring onto another mesh reshards to the shardings of the abstract target.
+
+A complete checkpoint is never moved or skipped because the code or config disagrees with it: a checkpoint whose
+arrays do not fit the model being restored is a `CheckpointMismatchError` that names the first differing array. Only
+a save that is provably partial (Orbax's temporary folder of an interrupted save) or corrupt (its metadata or arrays
+do not read back) is skipped, with a warning naming it; a writer (the run that holds the workdir's lock) also
+renames it aside and removes interrupted saves, a reader touches nothing.
 """
 
 import contextlib
@@ -18,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from panoptic_jax.errors import UserError
 
 
 # Orbax splits each replicated array into one slice per replica so that hosts write in parallel; every slice is an
@@ -37,15 +45,54 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-class Checkpointer:
-  """Saves every `every` steps (and on demand), keeps the newest `keep`, restores the newest readable one."""
+class CheckpointMismatchError(UserError, ValueError):
+  """A complete checkpoint whose arrays do not fit the state being restored (another model or config)."""
 
-  def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+
+def _leaf_name(path) -> str:
+  """`params.backbone.stem.conv.kernel` for a tree path (dict keys, indices and attributes alike)."""
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {_leaf_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def first_mismatch(saved, target) -> str | None:
+  """The first difference between two trees of arrays (or their metadata) as a sentence, or None if they fit."""
+  saved, target = _leaves(saved), _leaves(target)
+  for name in sorted(saved.keys() | target.keys()):
+    if name not in target:
+      return f"the checkpoint has {name} {saved[name][0]}, which the model does not have"
+    if name not in saved:
+      return f"the model has {name} {target[name][0]}, which the checkpoint does not have"
+    if saved[name] != target[name]:
+      return (f"{name} is {saved[name][0]} {saved[name][1]} in the checkpoint and {target[name][0]} "
+              f"{target[name][1]} in the model")
+  return None
+
+
+class Checkpointer:
+  """Saves every `every` steps (and on demand), keeps the newest `keep`, restores the newest readable one.
+
+  Args:
+    directory: the checkpoints folder.
+    every: save period in steps (0: only on demand).
+    keep: how many of the newest checkpoints to keep.
+    async_save: write in the background.
+    writer: True for the run that owns the folder (it holds the workdir's lock): it may remove interrupted saves and
+      set aside corrupt ones. False (evaluation) changes nothing on disk.
+  """
+
+  def __init__(self, directory: str, every: int, keep: int, async_save: bool = True, writer: bool = True):
     self.every = every
+    self._writer = writer
     self._manager = ocp.CheckpointManager(
         epath.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=True, create=True),
+                                             cleanup_tmp_directories=writer, create=writer, read_only=not writer),
         item_handlers={"state": _state_handler(), "data": grain.checkpoint.CheckpointHandler()})
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:
@@ -69,30 +116,53 @@ class Checkpointer:
 
     Returns:
       (state, step), or None when the directory holds no readable checkpoint.
+
+    Raises:
+      CheckpointMismatchError: a complete checkpoint does not fit `abstract_state`; nothing is moved.
     """
+    self._manager.wait_until_finished()  # A save of this process still in flight is read back whole.
     for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        saved = self._manager.item_metadata(step)["state"]
+        saved = getattr(saved, "tree", saved)
+        if not jax.tree.leaves(saved):
+          raise FileNotFoundError("no array metadata in the step's state folder")
+      except Exception as e:  # Orbax raises many types for missing or truncated metadata.
+        self._skip(step, "its metadata does not read back", e)
+        continue
+      mismatch = first_mismatch(saved, abstract_state)
+      if mismatch is not None:
+        raise CheckpointMismatchError(
+            f"the checkpoint at step {step} in {self._manager.directory} does not fit the model being restored: "
+            f"{mismatch}. It was written by a run with another model or config; use that run's own config (leave "
+            "out --config to take the workdir's config.json), or pass another --workdir to start afresh. Nothing "
+            "was moved or deleted.")
       items = {"state": ocp.args.PyTreeRestore(
           abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # Orbax raises many types for a truncated or corrupted step; all mean "skip it".
-        logging.warning("Checkpoint step %d in %s is unreadable (%s: %s); trying the previous one.",
-                        step, self._manager.directory, type(e).__name__, str(e).splitlines()[0][:200])
-        self._set_aside(step)
+      except Exception as e:  # Its metadata fits, so a failure here is a truncated or corrupted array file.
+        self._skip(step, "its arrays do not read back", e)
         continue
       return restored["state"], step
     return None
 
+  def _skip(self, step: int, why: str, error: Exception) -> None:
+    logging.warning("Checkpoint step %d in %s is corrupt: %s (%s: %s); trying the previous one.", step,
+                    self._manager.directory, why, type(error).__name__, str(error).splitlines()[0][:200])
+    if self._writer:
+      self._set_aside(step)
+
   def _set_aside(self, step: int) -> None:
-    """Renames an unreadable step to `<step>.unreadable-<time>` (kept for inspection), so that the run can save it
-    again when it gets there (`save` skips existing steps, so every later restart would fall back further)."""
+    """Renames a corrupt step to `<step>.corrupt-<time>` (kept for inspection), so that the run can save it again
+    when it gets there (`save` skips existing steps, so every later restart would fall back further)."""
     path = epath.Path(self._manager.directory) / str(step)
     if jax.process_index() == 0 and path.exists():
-      target = path.parent / f"{step}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      target = path.parent / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
       path.rename(target)
-      logging.warning("Moved the unreadable checkpoint to %s.", target)
+      logging.warning("Moved the corrupt checkpoint to %s.", target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_set_aside_{step}")
     self._manager.reload()

@@ -35,14 +35,14 @@ class ModelEvaluator:
   """Runs one pass over the validation set and returns PQ / SQ / RQ, mIoU and mask AP."""
 
   def __init__(self, config: ml_collections.ConfigDict, model_def, dataset: Dataset, mesh,
-               pipeline_config: pipeline.PipelineConfig, workdir: pathlib.Path):
+               pipeline_config: pipeline.PipelineConfig, pictures_dir: pathlib.Path):
     self._dataset = dataset
     self._info = dataset.info
     self._mesh = mesh
     self._pipeline_config = pipeline_config
     self._max_images = config.eval.max_images
     self._num_pictures = config.eval.num_visualizations
-    self._pictures_dir = workdir / "visualizations"
+    self._pictures_dir = pictures_dir
     pp_config = postprocess.get_preset(config.eval.postprocess)
     is_thing = jnp.asarray(self._info.is_thing, bool)
     label_divisor = self._info.label_divisor

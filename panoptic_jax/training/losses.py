@@ -48,7 +48,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from panoptic_jax.model import layers as L
+from panoptic_jax import ops
 from panoptic_jax.training.matching import linear_sum_assignment
 
 __all__ = ["LossConfig", "kmax_losses", "match_final_output", "MatchTargets", "strided_downsample"]
@@ -73,16 +73,6 @@ class LossConfig:
   semantic_topk: float = 1.0  # Fraction of hardest pixels kept in the semantic CE (Cityscapes 0.2).
   focal_alpha: float = 0.75  # Positive slots weighted alpha, void slots 1 - alpha; gamma is 0.
   weight_floor: float = 1e-5  # Floor of the stop-gradient dice / class-probability weights.
-
-  @classmethod
-  def from_config(cls, config: Mapping[str, Any] | Any) -> "LossConfig":
-    """Builds from `config.loss` (a ConfigDict or dict); unknown fields raise, missing ones keep defaults."""
-    items = dict(config.items()) if hasattr(config, "items") else dict(config)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(items) - names)
-    if unknown:
-      raise ValueError(f"config.loss: unknown field(s) {unknown}; expected some of {sorted(names)}")
-    return cls(**items)
 
 
 def strided_downsample(labels: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -223,7 +213,7 @@ def mask_id_loss(mask_logits: jax.Array, targets: MatchTargets) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _similarity_logsumexp(feature: jax.Array, temperature: float) -> jax.Array:
+def similarity_logsumexp(feature: jax.Array, temperature: float) -> jax.Array:
   """`[B, K, D] -> [B, K]`: `logsumexp_j (f_k . f_j / T)`.
 
   Shifted by each image's largest similarity, `m = max_k |f_k|^2 / T` (no `f_k . f_j` exceeds it, by
@@ -253,7 +243,7 @@ def _similarity_logsumexp_bwd(temperature, residuals, cotangent):
   return (jnp.einsum("bkj,bjd->bkd", mixed, feature) / temperature,)
 
 
-_similarity_logsumexp.defvjp(_similarity_logsumexp_fwd, _similarity_logsumexp_bwd)
+similarity_logsumexp.defvjp(_similarity_logsumexp_fwd, _similarity_logsumexp_bwd)
 
 
 def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets, rng: jax.Array,
@@ -268,7 +258,7 @@ def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets
   similarities; the target matrix is never built (same value as the dense soft-target cross-entropy).
 
   Pixels are sampled on the `grid_hw` grid of the masks (default: the feature's own size). Coarser features (the
-  auxiliary outputs') are upsampled bilinearly (`layers.resize_bilinear`'s rule) at the sampled pixels only, and
+  auxiliary outputs') are upsampled bilinearly (`ops.resize_bilinear`'s rule) at the sampled pixels only, and
   features are L2-normalised after sampling: the same values as resizing and normalising the whole map first.
   """
   b, fh, fw, d = pixel_feature.shape
@@ -286,19 +276,19 @@ def instance_discrimination_loss(pixel_feature: jax.Array, targets: MatchTargets
   mask_id = jnp.where(jnp.sum(gt_masks, axis=-1) > 0, jnp.argmax(gt_masks, axis=-1), -1)  # [B, P]
   if sample_k >= p:
     # Every pixel is taken: the loss does not depend on the order of the samples, so skip top-k and gathers.
-    ids, feat = mask_id, L.resize_bilinear(pixel_feature, (h, w)).reshape(b, p, d)
+    ids, feat = mask_id, ops.resize_bilinear(pixel_feature, (h, w)).reshape(b, p, d)
   else:
     gumbel = jax.random.gumbel(rng, logits.shape, jnp.float32)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(logits + gumbel), sample_k)  # [B, K]
     ids = jnp.take_along_axis(mask_id, idx, axis=1)  # [B, K]
-    feat = L.sample_bilinear(pixel_feature, idx // w, idx % w, (h, w))  # [B, K, D]
+    feat = ops.sample_bilinear(pixel_feature, idx // w, idx % w, (h, w))  # [B, K, D]
   feat = feat.astype(jnp.float32)
   feat = feat / jnp.maximum(jnp.linalg.norm(feat, axis=-1, keepdims=True), 1e-12)
   member = jax.nn.one_hot(ids, gt_masks.shape[-1], dtype=jnp.float32)  # [B, K, M]; void pixels -> zeros.
   mask_sum = jnp.einsum("bkm,bkd->bmd", member, feat)  # [B, M, D] sampled features summed per mask.
   same = jnp.einsum("bkd,bkm,bmd->bk", feat, member, mask_sum)  # sum_j [id_j == id_k] f_k . f_j
   count = jnp.einsum("bkm,bm->bk", member, jnp.sum(member, axis=1))  # n_k (0 for void pixels)
-  log_norm = _similarity_logsumexp(feat, similarity_temperature)
+  log_norm = similarity_logsumexp(feat, similarity_temperature)
   ce = jnp.where(count > 0, log_norm - same / (similarity_temperature * jnp.maximum(count, 1.0)), 0.0)
   return _per_image_mean(ce, targets.image_weight)
 

@@ -12,12 +12,26 @@ from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; other processes write nothing."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; other processes write nothing.
 
-  def __init__(self, workdir: str):
+  Args:
+    workdir: the run's folder.
+    after_step: a resumed run's first step: rows of later steps (written after its checkpoint by the interrupted run,
+      and about to be written again) are dropped, so that metrics.jsonl keeps one row per step.
+  """
+
+  def __init__(self, workdir: str, after_step: int | None = None):
     self._active = jax.process_index() == 0
     if self._active:
-      self._jsonl = open(pathlib.Path(workdir) / "metrics.jsonl", "a")
+      path = pathlib.Path(workdir) / "metrics.jsonl"
+      if after_step is not None and path.exists():
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if not row.strip() or json.loads(row).get("step", 0) <= after_step]
+        if len(kept) != len(rows):
+          temporary = path.with_name(path.name + ".tmp")
+          temporary.write_text("".join(kept))
+          temporary.replace(path)
+      self._jsonl = open(path, "a")
       self._tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:

@@ -8,12 +8,25 @@ DeepLab2's recipe, as pure optax transformations:
 - the backbone's whole update (Adam step and decay) scaled by `backbone_multiplier`.
 """
 
-from collections.abc import Callable
-from typing import Any
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """The optimiser's settings (DeepLab2's kMaX-DeepLab defaults; field names match `config.optim`)."""
+
+  base_lr: float = 5e-4  # For batch 64; DeepLab2 scales it linearly with the batch.
+  warmup_steps: int = 5000
+  poly_power: float = 0.9
+  weight_decay: float = 0.05
+  backbone_multiplier: float = 0.1  # 1.0 for a backbone trained from scratch.
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-7
 
 
 def learning_rate_schedule(base_lr: float, warmup_steps: int, total_steps: int, power: float = 0.9
@@ -45,27 +58,17 @@ def is_backbone(path) -> bool:
   return "backbone" in _path_names(path)
 
 
-def _scale_where(predicate: Callable[[Any], bool], factor: float) -> optax.GradientTransformation:
-  """Multiplies the updates of the parameters whose tree path satisfies `predicate` by `factor`."""
-
-  def update(updates, state, params=None):
-    del params  # The path alone decides.
-    scaled = jax.tree_util.tree_map_with_path(lambda path, u: u * factor if predicate(path) else u, updates)
-    return scaled, state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
 def make_optimizer(base_lr: float, warmup_steps: int, total_steps: int, weight_decay: float,
                    backbone_multiplier: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7,
                    poly_power: float = 0.9) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (the optax transformation, its learning-rate schedule for logging)."""
+  """Returns (the optax transformation, its learning-rate schedule for logging); arguments as in `OptimConfig`."""
   schedule = learning_rate_schedule(base_lr, warmup_steps, total_steps, poly_power)
+  where = lambda predicate: lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+      lambda path, _: predicate(path), params)
   transform = optax.chain(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(
-          weight_decay, mask=lambda p: jax.tree_util.tree_map_with_path(lambda path, _: is_kernel(path), p)),
+      optax.add_decayed_weights(weight_decay, mask=where(is_kernel)),
       optax.scale_by_learning_rate(schedule),
-      _scale_where(is_backbone, backbone_multiplier),
+      optax.masked(optax.scale(backbone_multiplier), where(is_backbone)),
   )
   return transform, schedule

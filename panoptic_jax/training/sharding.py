@@ -11,11 +11,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+from panoptic_jax.errors import UserError
+from panoptic_jax.model.sharding_rules import MESH_AXES
+
 BATCH_AXES = MESH_AXES  # The batch dimension is split over every mesh axis.
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
   """A mesh or batch size that the devices cannot realise; the message names the config field."""
 
 

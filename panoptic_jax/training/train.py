@@ -5,9 +5,10 @@ State is a plain pytree `{"step", "params", "model_state", "opt_state"}`: `param
 pure jitted function of (state, batch, rng) with no host callbacks; everything with side effects stays in `run`.
 """
 
+import contextlib
 import dataclasses
 import functools
-import json
+import os
 import pathlib
 from typing import Any
 
@@ -19,16 +20,20 @@ import optax
 from absl import logging
 from flax import nnx
 
-from panoptic_jax.data import pipeline, synthetic, transforms
+from panoptic_jax import ops
+from panoptic_jax.data import pipeline, synthetic
 from panoptic_jax.data.dataset import Dataset
+from panoptic_jax.errors import UserError
 from panoptic_jax.model import kmax_deeplab, sharding_rules
-from panoptic_jax.training import checkpoint, losses, optim, sharding
+from panoptic_jax.training import checkpoint, eval_loop, losses, optim, sharding
+from panoptic_jax.training import config as config_lib
+from panoptic_jax.training import workdir as workdir_lib
 from panoptic_jax.training.metrics_writer import MetricsWriter, Progress
 
 State = dict[str, Any]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   """Training cannot go on (a non-finite loss, out of memory); the message says what to do."""
 
 
@@ -61,8 +66,7 @@ def dataset_locations(config: ml_collections.ConfigDict) -> tuple[str, str]:
 
 
 def _build(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
-  return kmax_deeplab.build_model(config.model.preset, num_classes, rngs=nnx.Rngs(config.seed),
-                                  dtype=config.model.dtype, remat=config.model.remat)
+  return kmax_deeplab.build_model(config_lib.model_arch(config), num_classes, rngs=nnx.Rngs(config.seed))
 
 
 def _shard_like_params(opt_state: Any, params: Any, param_shardings: Any, other: Any) -> Any:
@@ -99,8 +103,7 @@ def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.
                "opt_state": opt_shardings}
   # Shardings come from `out_shardings` (which replicate axes the mesh cannot split), not from eager placement.
   state = jax.jit(init, out_shardings=shardings)()
-  arch = kmax_deeplab.get_config(config.model.preset, dtype=config.model.dtype, remat=config.model.remat)
-  return ModelDef(train_graph, eval_graph, arch, num_classes), state, shardings
+  return ModelDef(train_graph, eval_graph, config_lib.model_arch(config), num_classes), state, shardings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -127,28 +130,16 @@ def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: 
   return new_state, metrics
 
 
-def _train_step_compiler_options(mesh: jax.sharding.Mesh) -> dict[str, str] | None:
-  """XLA options for compiling the train step on `mesh`'s devices.
-
-  On CPU: the memory-optimised HLO scheduler. XLA:CPU's default order maximises how many independent ops can run at
-  once, but on a few cores concurrent ops only share them (in the profiled R50 641 step, elementwise ops that take
-  2 ms alone took up to 40 ms), and the memory-optimised order reuses buffers sooner. R50 641 batch 2, the two
-  compiled side by side and stepped alternately: 0.6-4.3% faster per step in three runs, 9% less temporary memory
-  (6.85 -> 6.22 GB); BENCHMARKS.md. Inference keeps the default order: its forward ran 16% slower with this one.
-  """
-  if mesh.devices.flat[0].platform == "cpu":
-    return {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-  return None
-
-
 def compile_train_step(step_fn, mesh: jax.sharding.Mesh, state: State, batch: dict, rng: jax.Array, *, name: str):
-  """`step_fn` (from `_compiled_train_step`) compiled ahead of time for these arguments, as the loop runs it:
-  `sharding.compile_together` with the train step's XLA options."""
+  """`step_fn` (from `jit_train_step`) compiled ahead of time for these arguments, as the loop runs it:
+  `sharding.compile_together` with the train step's XLA options for the mesh's platform."""
   return sharding.compile_together(step_fn, state, batch, rng, name=name,
-                                   compiler_options=_train_step_compiler_options(mesh))
+                                   compiler_options=ops.train_step_compiler_options(mesh.devices.flat[0].platform))
 
 
-def _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh):
+def jit_train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                   loss_config: losses.LossConfig, shardings: Any, mesh: jax.sharding.Mesh):
+  """`train_step` jitted on `mesh`: the state sharded as `shardings` (and donated), the batch as given."""
   step = functools.partial(train_step, model_def, tx, schedule, loss_config)
   return jax.jit(step, in_shardings=(shardings, None, sharding.replicated(mesh)),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
@@ -168,14 +159,13 @@ def _oom_hint(error: Exception) -> TrainingError | None:
 # The loop (side effects)
 
 
-def _pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig
-                     ) -> pipeline.PipelineConfig:
-  augment = transforms.AugmentConfig(crop_size=tuple(config.input.crop_size), min_scale=config.input.min_scale,
-                                     max_scale=config.input.max_scale, resize_to_crop=config.input.resize_to_crop)
+def pipeline_config(config: ml_collections.ConfigDict, arch: kmax_deeplab.KMaXConfig) -> pipeline.PipelineConfig:
+  """The input pipeline's settings for a run config and the model it feeds."""
+  num_workers = config.input.num_workers if config.input.num_workers >= 0 else os.cpu_count() or 1
   return pipeline.PipelineConfig(
-      batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size, augment=augment,
-      num_mask_slots=arch.num_slots, output_stride=arch.output_stride, seed=config.seed,
-      num_workers=config.input.num_workers, eval_resize=config.input.resize_to_crop)
+      batch_size=config.train.batch_size, eval_batch_size=config.eval.batch_size,
+      augment=config_lib.augment_config(config), num_mask_slots=arch.num_slots, output_stride=arch.output_stride,
+      seed=config.seed, num_workers=num_workers, eval_resize=config.input.resize_to_crop)
 
 
 def _check_finite(history: list[tuple[int, dict]]) -> None:
@@ -186,48 +176,81 @@ def _check_finite(history: list[tuple[int, dict]]) -> None:
                           "(before this step) is intact. Lower --config.optim.base_lr or check the data.")
 
 
-def _save_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, data: tuple[str, str]) -> None:
-  if jax.process_index() == 0:
-    resolved = {"config": config.to_dict(), "train_location": data[0], "val_location": data[1]}
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+def _open_datasets(config: ml_collections.ConfigDict, mode: str, run: dict[str, Any] | None
+                   ) -> tuple[Dataset | None, Dataset | None, tuple[str, str]]:
+  """(train, val) datasets as `mode` needs them, and both locations. The validation set's categories are matched to
+  the training set's (or, evaluating a finished run, to those recorded in its workdir) by name."""
+  train_location, val_location = dataset_locations(config)
+  endpoint = config.dataset.endpoint_url or None
+  train = Dataset.open(train_location, endpoint) if mode != "eval" else None
+  val = Dataset.open(val_location, endpoint) if mode != "train" else None
+  if train is not None:
+    reference = (train.info.categories, train.info.is_thing, train.storage.describe())
+  elif run is not None and run.get("categories"):
+    reference = (tuple(run["categories"]), tuple(run["is_thing"]), f"the run's training set ({run['train_location']})")
+  else:
+    reference = None
+  if val is not None and reference is not None:
+    val = val.in_label_space(*reference)
+  return train, val, (train_location, val_location)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, Any]:
-  """Trains and / or evaluates as `mode` says; returns the last evaluation's metrics (empty if none)."""
-  from panoptic_jax.training import eval_loop  # Evaluation pulls in the metric code.
+  """Trains and / or evaluates as `mode` says; returns the last evaluation's metrics (empty if none).
 
-  workdir_path = pathlib.Path(workdir).expanduser()
-  workdir_path.mkdir(parents=True, exist_ok=True)
-  train_location, val_location = dataset_locations(config)
-  _save_config(config, workdir_path, (train_location, val_location))
-  endpoint = config.dataset.endpoint_url or None
-  val_dataset = Dataset.open(val_location, endpoint) if mode != "train" else None
-  train_dataset = Dataset.open(train_location, endpoint) if mode != "eval" else None
+  Raises:
+    WorkdirError: the workdir is in use by another run, holds a run of another config, or (`mode="eval"`) has no
+      checkpoint to evaluate.
+    CheckpointMismatchError: a checkpoint does not fit the model of `config`.
+  """
+  wd = workdir_lib.Workdir(workdir)
+  run_record = wd.read_run()
+  has_checkpoint = bool(wd.checkpoint_steps())
+  if mode == "eval" and not has_checkpoint:
+    raise workdir_lib.WorkdirError(f"--mode=eval: {wd} holds no checkpoint to evaluate (no finished step in "
+                                   f"{wd.checkpoints}); train first, or point --workdir at a trained run")
+  if has_checkpoint:
+    for change in wd.check_config(config):
+      logging.info("Config override for this %s: %s", "evaluation" if mode == "eval" else "resumed run", change)
+  # Training owns the workdir; an evaluation only reads its checkpoints (it may run beside the training).
+  with wd.lock() if mode != "eval" and jax.process_index() == 0 else contextlib.nullcontext():
+    train_dataset, val_dataset, locations = _open_datasets(config, mode, run_record)
+    if train_dataset is not None and jax.process_index() == 0:
+      info = train_dataset.info
+      wd.write_run(config, train_location=locations[0], val_location=locations[1],
+                   categories=list(info.categories), is_thing=list(info.is_thing))
+    return _run(config, wd, mode, train_dataset, val_dataset)
+
+
+def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, train_dataset: Dataset | None,
+         val_dataset: Dataset | None) -> dict[str, Any]:
   info = (train_dataset or val_dataset).info
-
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")  # Before anything compiles.
   sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
-  tx, schedule = optim.make_optimizer(
-      config.optim.base_lr, config.optim.warmup_steps, config.train.steps, config.optim.weight_decay,
-      config.optim.backbone_multiplier, config.optim.b1, config.optim.b2, config.optim.eps, config.optim.poly_power)
+  tx, schedule = optim.make_optimizer(total_steps=config.train.steps, **config.optim)
   model_def, state, shardings = create_state(config, info.num_classes, mesh, tx)
   logging.info("Model %s: %s parameters, mesh %s", config.model.preset,
                f"{sum(x.size for x in jax.tree.leaves(state['params'])):,}", dict(mesh.shape))
 
-  pipeline_config = _pipeline_config(config, model_def.arch)
-  train_iter = pipeline.make_train_iterator(train_dataset, pipeline_config) if train_dataset is not None else None
-  checkpointer = checkpoint.Checkpointer(str(workdir_path / "checkpoints"), config.train.checkpoint_every,
-                                         config.train.keep_checkpoints)
+  pipeline_settings = pipeline_config(config, model_def.arch)
+  train_iter = pipeline.make_train_iterator(train_dataset, pipeline_settings) if train_dataset is not None else None
+  checkpointer = checkpoint.Checkpointer(str(wd.checkpoints), config.train.checkpoint_every,
+                                         config.train.keep_checkpoints, writer=mode != "eval")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   restored = checkpointer.restore_latest(abstract, train_iter)
   if restored is not None:
     state, restored_step = restored
-    logging.info("Resumed from the checkpoint at step %d in %s", restored_step, workdir_path / "checkpoints")
-  writer = MetricsWriter(str(workdir_path))
+    logging.info("%s the checkpoint at step %d in %s", "Evaluating" if mode == "eval" else "Resumed from",
+                 restored_step, wd.checkpoints)
+  elif mode == "eval":
+    raise workdir_lib.WorkdirError(f"--mode=eval: no checkpoint in {wd.checkpoints} reads back whole (see the "
+                                   "warnings above); nothing to evaluate")
+  # A resumed run writes the steps after its checkpoint again: their earlier rows go (one row per step).
+  writer = MetricsWriter(str(wd.path), after_step=int(state["step"]) if mode != "eval" else None)
   evaluator = None
   if val_dataset is not None:
-    evaluator = eval_loop.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_config, workdir_path)
+    evaluator = eval_loop.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_settings, wd.visualizations)
   results: dict[str, Any] = {}
   try:
     if mode == "eval":
@@ -246,8 +269,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
 
 def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
                 evaluator) -> dict[str, Any]:
-  loss_config = losses.LossConfig.from_config(config.loss)
-  step_fn = _compiled_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
+  loss_config = losses.LossConfig(**config.loss)
+  step_fn = jit_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
   base_rng = jax.random.key(config.seed)
   total = config.train.steps
   step = int(state["step"])

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import validate as validate_lib
@@ -16,7 +15,6 @@ INFO = fmt.DatasetInfo(("person", "car", "sky"), ((220, 20, 60), (0, 0, 142), (7
 
 
 def _panoptic(hw, seed):
-  rng = np.random.default_rng(seed)
   panoptic = np.full(hw, 2 * INFO.label_divisor, np.int32)  # sky
   panoptic[:2, :2] = fmt.VOID
   for k in range(seed + 1):  # Disjoint boxes, canonical instance numbers.

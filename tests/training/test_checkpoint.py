@@ -137,15 +137,51 @@ def test_a_corrupted_latest_step_is_skipped_with_a_warning(tmp_path, caplog, dam
   ckpt.close()
   assert step == 1
   _assert_trees_equal(state, states[1])
-  assert any("Checkpoint step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  assert any("Checkpoint step 2" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
   # The bad step is kept under another name, and the run can save step 2 again when it gets there.
-  assert [p.name.startswith("2.unreadable-") for p in directory.iterdir() if not p.name.isdigit()] == [True]
+  assert [p.name.startswith("2.corrupt-") for p in directory.iterdir() if not p.name.isdigit()] == [True]
   ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
   assert ckpt.save(2, states[2], None)
   state, step = ckpt.restore_latest(_abstract(_state(mesh)), None)
   ckpt.close()
   assert step == 2
   _assert_trees_equal(state, states[2])
+
+
+def test_a_checkpoint_of_another_model_is_an_error_and_stays_in_place(tmp_path):
+  """A complete checkpoint that does not fit the state being restored (another preset or config) names the first
+  differing array and both shapes; no step is moved, renamed or skipped."""
+  mesh = sharding.make_mesh(-1, 1)
+  directory = tmp_path / "c"
+  _save_steps(directory, mesh, (1, 2))
+  before = sorted(os.listdir(directory))
+  other = _state(mesh)
+  other["params"]["w"] = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=other["params"]["w"].sharding)
+  ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"step 2 .* params\.w is \(16, 4\) float32 in the "
+                     r"checkpoint and \(16, 8\) float32 in the model.*Nothing was moved"):
+    ckpt.restore_latest(_abstract(other), None)
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == before
+
+
+def test_a_reader_skips_a_corrupt_step_but_changes_nothing_on_disk(tmp_path):
+  """Evaluation (writer=False) falls back to the previous step and leaves the corrupt step and an interrupted save
+  of another process where they are."""
+  mesh = sharding.make_mesh(-1, 1)
+  directory = tmp_path / "c"
+  states = _save_steps(directory, mesh, (1, 2))
+  for path in (directory / "2" / "state").rglob("*"):
+    if path.is_file():
+      path.unlink()
+  shutil.copytree(directory / "1", directory / "3.orbax-checkpoint-tmp")
+  before = sorted(os.listdir(directory))
+  reader = checkpoint.Checkpointer(str(directory), every=1, keep=10, writer=False)
+  state, step = reader.restore_latest(_abstract(_state(mesh)), None)
+  reader.close()
+  assert step == 1
+  _assert_trees_equal(state, states[1])
+  assert sorted(os.listdir(directory)) == before
 
 
 def test_preemption_guard_turns_sigterm_into_a_flag_and_restores_the_handler():

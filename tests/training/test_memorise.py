@@ -82,10 +82,7 @@ class Memoriser:
     info = synthetic.INFO
     self.config = config
     mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
-    self.tx, self.schedule = optim.make_optimizer(
-        config.optim.base_lr, config.optim.warmup_steps, config.train.steps, config.optim.weight_decay,
-        config.optim.backbone_multiplier, config.optim.b1, config.optim.b2, config.optim.eps,
-        config.optim.poly_power)
+    self.tx, self.schedule = optim.make_optimizer(total_steps=config.train.steps, **config.optim)
     self.model_def, self.state, _ = train.create_state(config, info.num_classes, mesh, self.tx)
     arch = self.model_def.arch
     self.stride = arch.output_stride
@@ -93,7 +90,7 @@ class Memoriser:
     keys = ("image", "semantic", "slot_ids", "slot_classes", "valid")
     self.batch = sharding.global_batch({k: np.stack([e[k] for e in self.examples]) for k in keys}, mesh)
     self.step_fn = jax.jit(functools.partial(train.train_step, self.model_def, self.tx, self.schedule,
-                                             losses.LossConfig.from_config(config.loss)), donate_argnums=(0,))
+                                             losses.LossConfig(**config.loss)), donate_argnums=(0,))
     merge = merge_config(config.eval.postprocess)
     out_hw = self.examples[0]["slot_ids"].shape
     is_thing = jnp.asarray(info.is_thing, bool)

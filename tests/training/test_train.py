@@ -110,14 +110,14 @@ def test_restore_on_another_mesh_skipping_a_corrupted_newer_step(caplog):
       path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
   with caplog.at_level(logging.WARNING):
     th.run_in_process(other, "train", mesh__data=4, mesh__fsdp=2)
-  assert any("Checkpoint step 5" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records)
+  assert any("Checkpoint step 5" in r.getMessage() and "corrupt" in r.getMessage() for r in caplog.records)
   losses_4x2 = th.losses(other)
   continued = {s: v for s, v in losses_4x2.items() if s > stopped}
   assert sorted(continued) == list(range(stopped + 1, th.STEPS + 1))
   uninterrupted, _ = mesh_8x1_run()  # The checkpoint comes from (8, 1): compare with the (8, 1) run.
   th.assert_close(continued, th.losses(uninterrupted))
   assert th.checkpoint_steps(other)[-1] == th.STEPS  # Step 5 was set aside, so its new save is not skipped.
-  assert len(list((other / "checkpoints").glob("5.unreadable-*"))) == 1
+  assert len(list((other / "checkpoints").glob("5.corrupt-*"))) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_restore_on_another_mesh_skipping_a_corrupted_newer_step(caplog):
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-  compiled = train._compiled_train_step
+  compiled = train.jit_train_step
 
   def with_nan_at_step_3(*args, **kwargs):
     step_fn = compiled(*args, **kwargs)
@@ -136,7 +136,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
 
     return jax.jit(step)  # Jitted like the real step: the loop compiles it ahead of time.
 
-  monkeypatch.setattr(train, "_compiled_train_step", with_nan_at_step_3)
+  monkeypatch.setattr(train, "jit_train_step", with_nan_at_step_3)
   with pytest.raises(train.TrainingError, match=r"Non-finite loss at step 3 .*base_lr"):
     th.run_in_process(tmp_path, "train")
   assert th.checkpoint_steps(tmp_path) == [2]

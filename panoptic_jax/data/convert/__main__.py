@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from panoptic_jax import cli
+
 from absl import logging
 
 
@@ -77,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

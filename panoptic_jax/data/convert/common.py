@@ -27,11 +27,12 @@ from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.storage import open_storage
+from panoptic_jax.errors import UserError
 
 Color = tuple[int, int, int]
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
   """One example cannot be converted; the message says which input file and why (the run goes on)."""
 
 

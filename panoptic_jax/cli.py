@@ -1,0 +1,116 @@
+"""What every command-line entry point shares: the host's memory settings, and user errors as one clear line.
+
+    if __name__ == "__main__":
+      cli.run(main)                                  # main(argv) -> exit status, argparse inside
+      cli.run_absl(main, malloc_tunables=True)       # an absl app (flags parsed here)
+
+A user error (`panoptic_jax.errors.UserError`: a bad path, config field or file, storage that cannot be reached) or
+an operating-system error (a missing file, no permission, a full disk) prints `error: <message>` on stderr and exits
+with status 2, without a traceback; so does a bad command-line flag. `--verbose` (or `PANOPTIC_JAX_TRACEBACK=1`)
+shows the traceback too. Any other exception is a bug: it keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from panoptic_jax import host_memory
+from panoptic_jax.errors import UserError
+
+TRACEBACK_ENV = "PANOPTIC_JAX_TRACEBACK"
+VERBOSE_FLAG = "--verbose"
+EXIT_USER_ERROR = 2
+
+
+def _split_verbose(argv: Sequence[str]) -> tuple[bool, list[str]]:
+  verbose = os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or VERBOSE_FLAG in argv
+  return verbose, [a for a in argv if a != VERBOSE_FLAG]
+
+
+def describe(error: BaseException) -> str:
+  """The one line a user sees for a user or operating-system error."""
+  if isinstance(error, OSError) and not isinstance(error, UserError):
+    where = f": {error.filename}" if error.filename else ""
+    if error.errno == errno.ENOSPC:
+      return f"no space left on the device{where} ({error.strerror})"
+    if error.strerror:
+      return f"{error.strerror}{where}"
+  return str(error)
+
+
+def _fail(message: str) -> int:
+  print(f"error: {message}", file=sys.stderr)
+  return EXIT_USER_ERROR
+
+
+def _call(body: Callable[[], int | None], verbose: bool) -> int:
+  try:
+    return body() or 0
+  except (UserError, OSError) as e:
+    if verbose:
+      raise
+    return _fail(describe(e))
+
+
+def run(main: Callable[[list[str]], int | None], *, malloc_tunables: bool = False,
+        inline_dispatch: bool = False) -> NoReturn:
+  """Runs `main(argv without the program name)` as an entry point and exits with its status.
+
+  Args:
+    main: the command; parses its own arguments.
+    malloc_tunables, inline_dispatch: the `host_memory` settings this command benefits from (CPU-only hosts).
+  """
+  host_memory.configure(malloc_tunables=malloc_tunables, inline_dispatch=inline_dispatch)
+  verbose, argv = _split_verbose(sys.argv)
+  sys.exit(_call(lambda: main(argv[1:]), verbose))
+
+
+def _config_error(error: Exception, argv: Sequence[str]) -> str:
+  """A config-override error of ml_collections' flag parser, as one line naming the flag."""
+  text = str(error).encode().decode("unicode_escape").strip("'\" ")
+  key = re.match(r"'?([^'\n]+)'?", text)
+  flag = next((a.split("=", 1)[0] for a in argv if key and a.startswith("--config.") and
+               re.search(rf"[.]{re.escape(key.group(1))}(=|$|[.])", a)), None)
+  hint = re.search(r'Did you mean "([^"]+)"', text)
+  if flag is not None:
+    return f"{flag}: no such config field" + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+  return " ".join(text.split())
+
+
+def run_absl(main: Callable[[list[str]], int | None], *, argv_hook: Callable[[list[str]], list[str]] | None = None,
+             malloc_tunables: bool = False, inline_dispatch: bool = False) -> NoReturn:
+  """Runs an absl app: flags parsed here (a bad flag is one line, not a traceback), then `main(argv)`.
+
+  Args:
+    main: the absl main function.
+    argv_hook: rewrites the command line before the flags are parsed (e.g. to supply a default config).
+    malloc_tunables, inline_dispatch: as in `run`.
+  """
+  from absl import app, flags  # Here: absl only for the commands that use it.
+
+  host_memory.configure(malloc_tunables=malloc_tunables, inline_dispatch=inline_dispatch)
+  verbose, argv = _split_verbose(sys.argv)
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      argv = argv_hook(argv) if argv_hook is not None else argv
+      repeated = sorted({a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                         and sum(b.split("=", 1)[0] == a.split("=", 1)[0] for b in argv) > 1})
+      if repeated:
+        raise UserError(f"{', '.join(repeated)} given more than once; give each config field once")
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      message = f"{e} (--helpfull lists the flags)"
+    except UserError as e:
+      message = str(e)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:  # ml_collections' config overrides raise these.
+      if verbose:
+        raise
+      message = _config_error(e, argv)
+    sys.exit(_fail(message))
+
+  app.run(lambda argv: _call(lambda: main(argv), verbose), argv=argv, flags_parser=parse)
