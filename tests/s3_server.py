@@ -6,6 +6,8 @@ Loaded as a pytest plugin from tests/conftest.py (`pytest_plugins = ["tests.s3_s
   s3_root    (function)  "bucket/prefix" unique to the test, in one shared bucket (implies s3_env); cheap
   s3_bucket  (function)  a fresh, empty bucket name on the server (implies s3_env); SeaweedFS takes about 1 s to
                          create a bucket and allocate its first volume, so prefer s3_root
+  s3_own_server (function) a server of the test's own, which it may kill and restart (kill_server, restart_server);
+                         os.environ points at it (about 1 s to start)
 
 The server gets its own temporary data folder, explicit ports for every service (no defaults that could collide
 with another test session), and test credentials in its environment (they become its admin identity). It is
@@ -73,6 +75,9 @@ class S3Server:
   data_dir: pathlib.Path
   log_path: pathlib.Path
   process: subprocess.Popen
+  # How the process was started, for restart_server.
+  command: list[str] = dataclasses.field(default_factory=list)
+  command_env: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
   _shared_bucket: str | None = None
   _fs: object = None
   _fs_pid: int | None = None
@@ -147,6 +152,31 @@ def _die_with_parent() -> None:
     _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _launch(args: list[str], env: dict[str, str], data_dir: pathlib.Path, log_path: pathlib.Path) -> subprocess.Popen:
+  """Starts the server process, its output appended to log_path.
+
+  The server gets SIGTERM when the *thread* that started it ends (PR_SET_PDEATHSIG follows the thread), so start and
+  restart servers from the main thread or another thread that outlives them.
+  """
+  with open(log_path, "ab") as log:
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                            cwd=data_dir, start_new_session=True, preexec_fn=_die_with_parent)
+
+
+def kill_server(server: S3Server) -> None:
+  """Kills the server process by PID with SIGKILL: no shutdown, clients see refused connections at once."""
+  os.kill(server.process.pid, signal.SIGKILL)
+  server.process.wait(timeout=30)
+
+
+def restart_server(server: S3Server, timeout_s: float = _START_TIMEOUT_S) -> None:
+  """Starts a killed server again on the same ports and data folder and waits for /healthz (see `_launch`)."""
+  if server.process.poll() is None:
+    raise RuntimeError(f"SeaweedFS at {server.endpoint_url} (pid {server.process.pid}) is still running; kill it first")
+  server.process = _launch(server.command, server.command_env, server.data_dir, server.log_path)
+  _wait_healthy(server, timeout_s)
+
+
 def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
   """Starts `weed mini` on free loopback ports and waits for /healthz; the caller must call `stop_server`."""
   weed = find_weed()
@@ -162,10 +192,8 @@ def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
   ]
   env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
   env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION=REGION)
-  with open(log_path, "wb") as log:
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                               cwd=data_dir, start_new_session=True, preexec_fn=_die_with_parent)
-  server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, REGION, data_dir, log_path, process)
+  server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, REGION, data_dir, log_path,
+                    _launch(args, env, data_dir, log_path), args, env)
   try:
     _wait_healthy(server, timeout_s)
   except BaseException:
@@ -198,17 +226,32 @@ def s3_server():
     stop_server(server)
 
 
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-  """Points standard AWS clients at the test server for one test (credentials, region, endpoint)."""
+def _point_environment_at(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
   for key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
     monkeypatch.delenv(key, raising=False)
   # A config / credentials file of the developer's must not override the test identity.
   monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
   monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-  for key, value in s3_server.env().items():
+  for key, value in server.env().items():
     monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+  """Points standard AWS clients at the test server for one test (credentials, region, endpoint)."""
+  _point_environment_at(s3_server, monkeypatch)
   return s3_server
+
+
+@pytest.fixture
+def s3_own_server(monkeypatch):
+  """A server for this test alone, which it may kill and restart; os.environ points at it. Stopped after the test."""
+  server = start_server()
+  try:
+    _point_environment_at(server, monkeypatch)
+    yield server
+  finally:
+    stop_server(server)
 
 
 @pytest.fixture

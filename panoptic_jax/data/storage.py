@@ -11,12 +11,22 @@ never pickled and never written into messages.
     data = storage.read_bytes("metadata.yaml")
     blobs = storage.read_many(["images/000.jpg", "panoptic_maps/000.tif"])
 
-Transient failures (connection reset, HTTP 5xx, throttling) are retried with bounded exponential backoff: botocore's
-"standard" retry mode per request (BOTO_MAX_ATTEMPTS), and one outer loop here (RETRY_ATTEMPTS, e.g. for a body
-that breaks off while being read). s3fs's own retry loop is switched off: it retries every exception, even an
-unreachable endpoint, five times without waiting.
-Permanent ones (missing bucket or object, no or wrong credentials, unreachable endpoint) raise `StorageError`, whose
-message names the location (endpoint, bucket, prefix), the object, what was expected and what was found.
+Transient failures are retried for a time budget rather than a fixed number of attempts: refused, reset or timed-out
+connections, an endpoint that does not answer, HTTP 5xx, throttling and bodies that break off. The waits grow
+exponentially with full jitter (RETRY_BASE_DELAY_S doubling up to RETRY_MAX_DELAY_S) until the budget is spent:
+DEFAULT_RETRY_BUDGET_S (300 s), or the environment variable PANOPTIC_JAX_STORAGE_RETRY_S (seconds), or
+`set_retry_budget(seconds)`, which sets that variable so that worker processes started afterwards (spawned or forked)
+use the same budget. Each retry is logged as a warning naming the location, the error, the attempt and the time spent
+of the budget; a recovery after retries is logged once. When the budget is spent, StorageError says for how long the
+endpoint failed and how to raise the budget.
+An endpoint that has never answered in this process gets only FIRST_CONTACT_BUDGET_S (5 s, at most the budget), so
+that a mistyped endpoint stops a run within seconds at start-up, while a server that answered once and then restarts
+is waited for. A Storage object pickled to a worker process carries whether its endpoint had answered.
+One attempt is bounded by botocore's connect and read timeouts (CONNECT_TIMEOUT_S, READ_TIMEOUT_S): a server that is
+stopped rather than killed accepts connections but never answers. botocore's and s3fs's own retry loops are switched
+off (s3fs's retries every exception five times without waiting), so that every retry is logged and counted here.
+Permanent failures (missing bucket or object, no or wrong credentials, access denied, TLS errors) raise `StorageError`
+at once; its message names the location (endpoint, bucket, prefix), the object, what was expected and what was found.
 
 Storage objects are cheap to create, picklable, and build their s3fs client lazily once per process, so they can be
 handed to Grain worker processes (spawned or forked).
@@ -25,6 +35,7 @@ handed to Grain worker processes (spawned or forked).
 import errno
 import hashlib
 import logging
+import math
 import os
 import pathlib
 import random
@@ -35,11 +46,16 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Attempts for botocore's own retry loop (per request) and for the outer loop here (per call).
-BOTO_MAX_ATTEMPTS = 3
-RETRY_ATTEMPTS = 4
+# Retries of transient failures (see the module docstring); delays in seconds.
+DEFAULT_RETRY_BUDGET_S = 300.0
+FIRST_CONTACT_BUDGET_S = 5.0
+RETRY_BUDGET_ENV = "PANOPTIC_JAX_STORAGE_RETRY_S"
 RETRY_BASE_DELAY_S = 0.2
-RETRY_MAX_DELAY_S = 5.0
+RETRY_MAX_DELAY_S = 10.0
+# One attempt: botocore's own retry loop is off (1 attempt in all), so that every retry goes through retry_transient.
+BOTO_MAX_ATTEMPTS = 1
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 20.0  # Seconds without a byte from the server, not for a whole transfer.
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
     "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
@@ -200,44 +216,168 @@ def _client_error_code(e: BaseException) -> str | None:
 
 
 def _is_transient(e: BaseException) -> bool:
-  """Failures that another attempt may cure: dropped connections, timeouts, 5xx, throttling."""
+  """Failures that another attempt may cure: refused or dropped connections, timeouts, 5xx, throttling."""
   from botocore import exceptions as boto_exceptions  # pylint: disable=g-import-not-at-top
-  if isinstance(e, (boto_exceptions.EndpointConnectionError, boto_exceptions.NoCredentialsError,
+  if isinstance(e, RetriesExhausted):
+    return False  # Already retried for a whole budget.
+  if isinstance(e, (boto_exceptions.SSLError, boto_exceptions.NoCredentialsError,
                     boto_exceptions.PartialCredentialsError, PermissionError, FileNotFoundError)):
-    return False  # Unreachable endpoints were already retried by botocore; the rest are permanent.
-  if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, TimeoutError,
-                    boto_exceptions.ConnectionClosedError, boto_exceptions.ReadTimeoutError,
-                    boto_exceptions.ResponseStreamingError)):
-    return True
+    return False  # A certificate, credential, permission or missing-object problem does not cure itself.
+  if isinstance(e, (ConnectionError, TimeoutError, boto_exceptions.ConnectionError, boto_exceptions.HTTPClientError)):
+    return True  # Refused / reset / aborted connections, unreachable endpoints, connect and read timeouts.
   from s3fs.core import S3_RETRYABLE_ERRORS  # pylint: disable=g-import-not-at-top  (timeouts, truncated bodies)
   if isinstance(e, S3_RETRYABLE_ERRORS):
     return True
   try:
     import aiohttp  # pylint: disable=g-import-not-at-top
-    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
       return True
   except ImportError:
     pass
   code = _client_error_code(e)
   if code in _TRANSIENT_CODES:
     return True
-  return isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE)
+  return isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE)
 
 
-def retry_transient(fn: Callable[[], T], attempts: int = RETRY_ATTEMPTS, base_delay_s: float = RETRY_BASE_DELAY_S,
-                    max_delay_s: float = RETRY_MAX_DELAY_S, sleep: Callable[[float], None] = time.sleep) -> T:
-  """Calls fn, retrying transient failures with exponential backoff and full jitter; other errors pass through."""
-  for attempt in range(attempts):
+def _answered(e: BaseException) -> bool:
+  """Whether a failure carries an answer of the server (an HTTP error response), not a connection problem."""
+  return _client_error_code(e) is not None or isinstance(e, (FileNotFoundError, PermissionError))
+
+
+class RetriesExhausted(OSError):
+  """A transient failure that persisted for the whole retry budget.
+
+  Attributes:
+    error: the last failure (also the exception's __cause__).
+    attempts: attempts made.
+    elapsed_s: seconds from the first attempt to the last failure.
+    budget_s: the budget that was spent.
+    first_contact: whether the endpoint had never answered in this process (the short first-contact budget applied).
+  """
+
+  def __init__(self, error: BaseException, attempts: int, elapsed_s: float, budget_s: float, first_contact: bool):
+    super().__init__(f"{type(error).__name__}: {error} (still failing after {attempts} attempts over "
+                     f"{elapsed_s:.1f} s; retry budget {budget_s:g} s)")
+    self.error = error
+    self.attempts = attempts
+    self.elapsed_s = elapsed_s
+    self.budget_s = budget_s
+    self.first_contact = first_contact
+
+  def __str__(self) -> str:
+    return self.args[0]
+
+
+def retry_budget() -> float:
+  """Seconds for which transient failures are retried: PANOPTIC_JAX_STORAGE_RETRY_S if set, else the default.
+
+  Raises:
+    ValueError: the environment variable is not a number of seconds >= 0.
+  """
+  text = os.environ.get(RETRY_BUDGET_ENV, "").strip()
+  if not text:
+    return DEFAULT_RETRY_BUDGET_S
+  try:
+    seconds = float(text)
+  except ValueError:
+    seconds = math.nan
+  if not (math.isfinite(seconds) and seconds >= 0):
+    raise ValueError(f"environment variable {RETRY_BUDGET_ENV}: expected a number of seconds >= 0 (how long "
+                     f"transient storage failures are retried), found {text!r}")
+  return seconds
+
+
+def set_retry_budget(seconds: float | None) -> None:
+  """Sets for how long transient failures are retried, in this process and in the worker processes it starts later.
+
+  The value is stored in the environment variable PANOPTIC_JAX_STORAGE_RETRY_S, which spawned and forked processes
+  inherit; it applies to every storage call that starts afterwards, including those of Storage objects opened before.
+
+  Args:
+    seconds: the budget in seconds (>= 0; 0 fails at the first transient error), or None for DEFAULT_RETRY_BUDGET_S.
+
+  Raises:
+    ValueError: seconds is negative, infinite or not a number.
+  """
+  if seconds is None:
+    os.environ.pop(RETRY_BUDGET_ENV, None)
+    return
+  try:
+    value = float(seconds)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"set_retry_budget: expected a number of seconds >= 0 (or None for the default "
+                     f"{DEFAULT_RETRY_BUDGET_S:g} s), found {seconds!r}")
+  os.environ[RETRY_BUDGET_ENV] = repr(value)
+
+
+# Endpoints that have answered a request in this process (a fork inherits them; a pickled S3Storage carries its own).
+_answered_endpoints: set[str] = set()
+
+
+def _budget_for(endpoint: str | None, budget_s: float) -> tuple[float, bool]:
+  """(seconds to spend on transient failures, whether the short first-contact budget applies)."""
+  if endpoint is not None and endpoint not in _answered_endpoints:
+    return min(budget_s, FIRST_CONTACT_BUDGET_S), True
+  return budget_s, False
+
+
+def retry_transient(fn: Callable[[], T], what: str = "storage call", endpoint: str | None = None,
+                    budget_s: float | None = None, base_delay_s: float | None = None,
+                    max_delay_s: float | None = None, sleep: Callable[[float], None] = time.sleep,
+                    clock: Callable[[], float] = time.monotonic) -> T:
+  """Calls fn, retrying transient failures with exponential backoff and full jitter until the time budget is spent.
+
+  Args:
+    fn: the operation; called again from scratch for each attempt.
+    what: the operation and its location, for the log (e.g. "read s3://bucket/a.jpg (endpoint ..., bucket ...)").
+    endpoint: the endpoint fn talks to. Until it has answered once in this process, only FIRST_CONTACT_BUDGET_S
+      (at most the budget) is spent on it. None: no first-contact rule.
+    budget_s: seconds, from the first attempt, during which transient failures are retried (None: `retry_budget()`).
+    base_delay_s: the first retry waits up to this long (None: RETRY_BASE_DELAY_S); each further one up to twice as
+      long as the one before, up to max_delay_s (None: RETRY_MAX_DELAY_S). The last wait ends at the budget.
+    sleep: waits (tests pass a fake one, with a matching clock).
+    clock: monotonic seconds.
+
+  Returns:
+    What fn returned.
+
+  Raises:
+    RetriesExhausted: a transient failure persisted for the whole budget; the last one is its `error`.
+    Exception: any other failure of fn, at once.
+  """
+  budget_s = retry_budget() if budget_s is None else budget_s
+  base_delay_s = RETRY_BASE_DELAY_S if base_delay_s is None else base_delay_s
+  max_delay_s = RETRY_MAX_DELAY_S if max_delay_s is None else max_delay_s
+  start = clock()
+  attempt = 0
+  while True:
+    attempt += 1
     try:
-      return fn()
+      result = fn()
     except Exception as e:  # pylint: disable=broad-except
-      if attempt == attempts - 1 or not _is_transient(e):
+      if endpoint is not None and _answered(e):
+        _answered_endpoints.add(endpoint)
+      if not _is_transient(e):
         raise
-      delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random() / 2)
-      logging.warning("storage: transient %s (attempt %d of %d), retrying in %.2f s", type(e).__name__,
-                      attempt + 1, attempts, delay)
+      elapsed = clock() - start
+      allowed, first_contact = _budget_for(endpoint, budget_s)
+      if elapsed >= allowed:
+        raise RetriesExhausted(e, attempt, elapsed, allowed, first_contact) from e
+      delay = min(random.uniform(0, min(max_delay_s, base_delay_s * 2 ** (attempt - 1))), allowed - elapsed)
+      kind = "first-contact budget (the endpoint has not answered yet)" if first_contact else "retry budget"
+      logging.warning("storage: %s failed (attempt %d; %.1f s spent of the %s of %g s), retrying in %.1f s: %s",
+                      what, attempt, elapsed, kind, allowed, delay, _scrub(f"{type(e).__name__}: {e}"))
       sleep(delay)
-  raise AssertionError("unreachable")
+    else:
+      if endpoint is not None:
+        _answered_endpoints.add(endpoint)
+      if attempt > 1:
+        logging.warning("storage: %s succeeded at attempt %d, %.1f s after the first one", what, attempt,
+                        clock() - start)
+      return result
 
 
 class S3Storage(Storage):
@@ -258,8 +398,23 @@ class S3Storage(Storage):
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    state.update(_fs=None, _fs_pid=None, _bucket_exists=None)
+    state.update(_fs=None, _fs_pid=None, _bucket_exists=None, _endpoint_answered=self._endpoint in _answered_endpoints)
     return state
+
+  def __setstate__(self, state):
+    # A worker process started while the server is down must wait for it like its parent, not fail fast.
+    if state.pop("_endpoint_answered", False):
+      _answered_endpoints.add(state["endpoint_url"] or "")
+    self.__dict__.update(state)
+
+  @property
+  def _endpoint(self) -> str:
+    """The key of this storage's endpoint among those that have answered in this process."""
+    return self.endpoint_url or ""
+
+  def retry_budget_s(self) -> float:
+    """Seconds a transient failure would be retried now: the retry budget, or less until the endpoint has answered."""
+    return _budget_for(self._endpoint, retry_budget())[0]
 
   def describe(self) -> str:
     where = self.endpoint_url or "the default AWS endpoint (or the AWS profile's endpoint_url)"
@@ -317,21 +472,39 @@ class S3Storage(Storage):
       detail = ""
     elif isinstance(e, boto_exceptions.PartialCredentialsError):
       found = "incomplete AWS credentials (for example an access key without its secret)"
-    elif isinstance(e, boto_exceptions.EndpointConnectionError):
-      found = f"the endpoint {self.endpoint_url or '(default)'} is unreachable (after retries)"
+    elif isinstance(e, RetriesExhausted):
+      endpoint = self.endpoint_url or "(default)"
+      if e.first_contact:
+        found = (f"the endpoint {endpoint} is unreachable: it has not answered since this process started "
+                 f"({e.attempts} attempts over {e.elapsed_s:.1f} s; an endpoint that never answered gets "
+                 f"{e.budget_s:g} s, not the whole retry budget); check the endpoint URL (--endpoint_url, "
+                 "--config.dataset.endpoint_url or AWS_ENDPOINT_URL_S3) and that the server is running")
+      else:
+        state = "failing" if _answered(e.error) else "unreachable"
+        found = (f"the endpoint {endpoint} {state} for {e.elapsed_s:.0f} s ({e.attempts} attempts), the whole retry "
+                 f"budget of {e.budget_s:g} s; to wait longer for a server to come back, raise the budget with the "
+                 f"environment variable {RETRY_BUDGET_ENV}=<seconds> or storage.set_retry_budget(seconds)")
+      detail = f"{type(e.error).__name__}: {e.error}"
     elif _is_transient(e):
-      found = f"a transient failure that persisted after {RETRY_ATTEMPTS} attempts"
+      found = "a transient failure"
     else:
       found = "an error"
-    message = (f"cannot {action} {self.url(relpath)} (endpoint {self.endpoint_url or 'default'}, bucket "
-               f"{self.bucket!r}, prefix {self.prefix!r}): expected {expected}, found {found}")
+    message = f"cannot {action} {self.url(relpath)} ({self._where()}): expected {expected}, found {found}"
     if detail:
       message += f" [{detail}]"
     return StorageError(_scrub(message), self.describe(), relpath)
 
+  def _where(self) -> str:
+    return f"endpoint {self.endpoint_url or 'default'}, bucket {self.bucket!r}, prefix {self.prefix!r}"
+
+  def _retry(self, action: str, target: str, fn: Callable[[], T], budget_s: float) -> T:
+    """retry_transient for `action` ("read") of `target` (a URL); RetriesExhausted when the budget is spent."""
+    return retry_transient(fn, f"{action} {target} ({self._where()})", self._endpoint, budget_s)
+
   def _call(self, action: str, relpath: str, expected: str, fn: Callable[[], T]) -> T:
+    budget_s = retry_budget()  # A malformed setting raises its own ValueError, not a storage error.
     try:
-      return retry_transient(fn)
+      return self._retry(action, self.url(relpath), fn, budget_s)
     except Exception as e:  # pylint: disable=broad-except
       raise self._error(action, relpath, e, expected) from None
 
@@ -346,18 +519,37 @@ class S3Storage(Storage):
     if not relpaths:
       return []
     paths = [self._path(p) for p in relpaths]
-    results = self._call("read", relpaths[0], "existing objects",
-                         lambda: self.fs.cat(paths, on_error="return"))
-    out = []
-    for relpath, path in zip(relpaths, paths):
-      result = results.get(path)
-      if isinstance(result, BaseException) or result is None:
-        if result is None or _is_transient(result):
-          out.append(self.read_bytes(relpath))  # Retries this one object (or reports it) on its own.
-          continue
-        raise self._error("read", relpath, result, "an existing object")
-      out.append(result)
-    return out
+    relpath_of = dict(zip(paths, relpaths))
+    done: dict[str, bytes] = {}
+    failed = [relpaths[0]]  # The object the last failure was about, for the error message.
+
+    def fetch_missing() -> None:
+      # One retry loop (and one budget) for the whole batch; each attempt fetches what earlier ones did not get.
+      todo = [p for p in relpath_of if p not in done]
+      results = self.fs.cat(todo, on_error="return")
+      errors = []
+      for path in todo:
+        result = results.get(path)
+        if isinstance(result, BaseException):
+          errors.append((path, result))
+        elif isinstance(result, bytes):
+          done[path] = result
+        else:  # No result for this path (not expected from s3fs): read it on its own.
+          failed[0] = relpath_of[path]
+          done[path] = self.fs.cat_file(path)
+      if errors:
+        path, error = next(((p, e) for p, e in errors if not _is_transient(e)), errors[0])
+        failed[0] = relpath_of[path]
+        raise error
+
+    budget_s = retry_budget()
+    more = len(relpaths) - 1
+    target = self.url(relpaths[0]) + (f" and {more} more object{'s' if more > 1 else ''}" if more else "")
+    try:
+      self._retry("read", target, fetch_missing, budget_s)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._error("read", failed[0], e, "an existing object") from None
+    return [done[p] for p in paths]
 
   def write_bytes(self, relpath: str, data: bytes) -> None:
     path = self._path(relpath)
@@ -365,8 +557,9 @@ class S3Storage(Storage):
 
   def exists(self, relpath: str) -> bool:
     path = self._path(relpath)
+    budget_s = retry_budget()
     try:
-      retry_transient(lambda: self.fs.info(path))
+      self._retry("look up", self.url(relpath), lambda: self.fs.info(path), budget_s)
       return True
     except FileNotFoundError as e:
       if self._probe_bucket() is False:
@@ -378,8 +571,10 @@ class S3Storage(Storage):
   def list_files(self, relpath: str = "") -> list[str]:
     key = self._key(relpath)
     folder = f"{self.bucket}/{key}".rstrip("/")
+    budget_s = retry_budget()
     try:
-      entries = retry_transient(lambda: self.fs.ls(folder, detail=True, refresh=True))
+      entries = self._retry("list", self.url(relpath) + "/", lambda: self.fs.ls(folder, detail=True, refresh=True),
+                            budget_s)
     except FileNotFoundError as e:
       if self._probe_bucket() is False:
         raise self._error("list", relpath, e, "an existing bucket") from None
@@ -456,8 +651,8 @@ def _client(endpoint_url: str | None):
           skip_instance_cache=True,     # See above.
           use_listings_cache=False,     # Listings must reflect the bucket now, not an earlier call.
           max_concurrency=1,            # Whole-object GETs without a HEAD first.
-          config_kwargs={"retries": {"max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
-                         "connect_timeout": 10, "read_timeout": 120})
+          config_kwargs={"retries": {"total_max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
+                         "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S})
       fs.retries = 1  # s3fs's own loop retries any exception 5 times without waiting; ours is retry_transient.
       _clients[key] = fs
     return fs
