@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.max_scale = 2.0
   config.input.resize_to_crop = False  # Images are scaled only by the random scale; eval pads 1024x2048.
   config.input.num_workers = 8
+  config.input.max_skipped_fraction = 0.01  # Undecodable samples are skipped; past this share (and 10) training stops.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.pq_weight = 3.0

@@ -31,6 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.max_scale = 1.7
   config.input.resize_to_crop = True  # COCO recipe: the long side is resized to the crop (train and eval).
   config.input.num_workers = 8
+  config.input.max_skipped_fraction = 0.01  # Undecodable samples are skipped; past this share (and 10) training stops.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.pq_weight = 3.0

@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.max_scale = 2.0
   config.input.resize_to_crop = True  # Long side to the crop (train: before the random scale); False: pad only.
   config.input.num_workers = 8  # Worker processes decoding and augmenting; about the number of host cores.
+  config.input.max_skipped_fraction = 0.01  # Undecodable samples are skipped; past this share (and 10) training stops.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.pq_weight = 3.0

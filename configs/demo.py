@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.input.max_scale = 1.25
   config.input.resize_to_crop = False  # Eval pads the 128x256 images into the crop, no resampling.
   config.input.num_workers = 0  # Read in threads of the main process: 2 cores are busy with the model.
+  config.input.max_skipped_fraction = 0.01  # Undecodable samples are skipped; past this share (and 10) training stops.
 
   config.loss = ml_collections.ConfigDict()
   config.loss.pq_weight = 3.0
