@@ -14,7 +14,7 @@ Batches (leading dimension b = batch_size // process_count, the per-process batc
   "slot_ids"         int32 [b, h, w]      mask slot per pixel at the output stride, -1 void / dropped segment
   "slot_classes"     int32 [b, N]         category of each mask slot, -1 for unused slots
   "dropped_segments" int32 [b]            segments that did not fit in N slots (normally 0)
-  "valid"            bool  [b]            False only for the eval pipeline's padding
+  "valid"            bool  [b]            False for a train sample that failed to decode and the eval padding
   "index"            int32 [b]            example index in the dataset (names: dataset.examples[i].name), -1 padding
   eval only:
   "content_hw"       int32 [b, 2]         extent of the resized image inside the padded crop ([0, 0] for padding)
@@ -29,6 +29,14 @@ split whole batches). Eval: no shuffle, no augmentation; the examples are padded
 multiple of P * b and split the same way; every image is evaluated exactly once across processes and every process
 yields the same number of batches.
 
+Undecodable files. Train: a sample whose image or annotation fails to decode (a truncated JPEG, a corrupt TIFF:
+any dataset_format.FormatError) becomes a blank (all-void labels, `valid` False, its `index` kept) and a warning
+naming the file and the error is logged once per file and process; the batch keeps its shape and the stream its
+order, so determinism and resume are unaffected, and the losses leave the blank out. The training loop counts and
+names these samples and stops past a threshold (training/data_health.py). Storage errors (a file that cannot be
+read at all) still raise. Eval: an undecodable file raises a FormatError naming it, since metrics over fewer images
+would not be comparable with other evaluations of the same set.
+
 Workers: `num_workers > 0` runs the pipeline in that many spawned processes (`mp_prefetch`); each builds its own
 storage client. Grain 0.2.18's mp_prefetch needs absl flags to count as parsed; this module marks them parsed when
 no absl app did, so callers need not know. Close iterators with workers (`it.close()`) when done.
@@ -37,6 +45,7 @@ no absl app did, so callers need not know. Close iterators with workers (`it.clo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sys
 import threading
@@ -221,6 +230,35 @@ def _seeds(seed: int) -> tuple[int, int]:
   return int(shuffle_seed), int(augment_seed)
 
 
+class _SkipUndecodable(grain.sources.RandomAccessDataSource):
+  """The source, with an element that fails to decode replaced by {"index": i, "decode_error": message}.
+
+  TrainTransform turns such an element into a blank with `valid` False. Only dataset_format.FormatError (the file was
+  read but does not decode or follow the format) is caught; storage errors propagate.
+  """
+
+  def __init__(self, source):
+    self.source = source
+    self._warned: set[int] = set()  # Indices already logged by this process (each worker keeps its own copy).
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:
+    return repr(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    index = int(index)
+    try:
+      return self.source[index]
+    except fmt.FormatError as e:
+      if index not in self._warned:
+        self._warned.add(index)
+        logging.warning("training example %d: %s; skipped: it becomes a blank sample (valid False) that the losses "
+                        "leave out, counted in train/skipped_samples", index, e)
+      return {"index": index, "decode_error": str(e)}
+
+
 def train_dataset(data, config: PipelineConfig, process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
   """The infinite train MapDataset of per-process batches (what `make_train_iterator` iterates)."""
@@ -229,7 +267,7 @@ def train_dataset(data, config: PipelineConfig, process_index: int | None = None
   per_process = _per_process(config.batch_size, process_count, "batch_size")
   shuffle_seed, augment_seed = _seeds(config.seed)
   transform = transforms.TrainTransform(config.augment, config.targets(info), photometric=config.photometric)
-  ds = EpochShuffle(grain.MapDataset.source(source), shuffle_seed)
+  ds = EpochShuffle(grain.MapDataset.source(_SkipUndecodable(source)), shuffle_seed)
   ds = ds.random_map(transform, seed=augment_seed)  # Before sharding: seeded by the position in the global stream.
   ds = ProcessRows(ds, per_process, process_index, process_count)
   return ds.batch(per_process, drop_remainder=True)
@@ -252,7 +290,7 @@ def make_train_iterator(data, config: PipelineConfig, process_index: int | None 
 
 
 class _PaddedSource(grain.sources.RandomAccessDataSource):
-  """The source followed by `total - len(source)` blanks ({"index": -1})."""
+  """The source followed by `total - len(source)` blanks ({"index": -1}); an undecodable file raises FormatError."""
 
   def __init__(self, source, total: int):
     self.source = source
@@ -264,7 +302,13 @@ class _PaddedSource(grain.sources.RandomAccessDataSource):
   def __getitem__(self, index: int) -> dict:
     index = int(index)
     if index < len(self.source):
-      element = dict(self.source[index])
+      try:
+        element = dict(self.source[index])
+      except fmt.FormatError as e:
+        raise fmt.FormatError(
+            f"{e}. Evaluation reads every image of the set (metrics over fewer images would not be comparable with "
+            "other evaluations): fix or remove this file; `python -m panoptic_jax.data.validate LOCATION` lists "
+            "every undecodable file of a dataset") from None
       element.setdefault("index", index)
       return element
     return {"index": -1}

@@ -9,6 +9,7 @@ Element flow (dict keys):
               {"image": uint8 [h, w, 3], "panoptic": int32 [h, w], "semantic": int32 [hs, ws],
                "slot_ids": int32 [hs, ws], "slot_classes": int32 [N], "dropped_segments": int32 [],
                "valid": bool [], "index": int32 []}  (+ "content_hw", "original_hw" int32 [2] from EvalTransform)
+  `valid` is False for blanks: eval padding (index -1) and train samples that failed to decode.
 where (h, w) is the crop size, hs = (h - 1) // stride + 1 (i.e. `label[::stride, ::stride]`; crops of the form
 stride * k + 1 give exactly k + 1) and N the number of mask slots.
 
@@ -35,17 +36,20 @@ stuff class present (all pixels of a stuff class are one segment, whatever insta
 stuff slots first, by category id, then thing slots by (category id, instance id); unused slots have class -1 and no
 pixels. When an image has more segments than slots, the smallest thing instances (by pixel count at the output
 stride; stuff only if stuff alone overflows) are dropped: their pixels get slot id -1 (ignored by the mask losses,
-their semantic label is kept), the element's "dropped_segments" counts them and a warning is logged with a
-per-process running total. The matching in the loss makes the slot order irrelevant to training; it is fixed only to
-make targets reproducible and easy to read.
+their semantic label is kept) and the element's "dropped_segments" counts them. Nothing is logged here, per image
+or per worker process: the count travels with the batch, and the training loop sums it over the global batch and
+warns a few times per run (training/data_health.py). The matching in the loss makes the slot order irrelevant to
+training; it is fixed only to make targets reproducible and easy to read.
+
+Undecodable samples (train): an element carrying "decode_error" (pipeline.py puts it there when the source could not
+decode the image or annotation) becomes a blank crop: PAD_PIXEL image, all-void labels, no slots, `valid` False and
+its "index" kept, so that the batch keeps its shape and the losses leave it out.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
-import threading
 
 import grain
 import numpy as np
@@ -338,29 +342,6 @@ def apply_color_matrix(image: np.ndarray, matrix: tuple[float, ...] | None, back
 # ----------------------------------------------------------------------------------------------------------------------
 # Mask-slot targets
 
-_dropped_lock = threading.Lock()
-_dropped_total = 0
-_dropped_images = 0
-
-
-def _count_dropped(num_dropped: int, num_segments: int, num_slots: int) -> None:
-  global _dropped_total, _dropped_images
-  with _dropped_lock:
-    _dropped_total += num_dropped
-    _dropped_images += 1
-    total, images = _dropped_total, _dropped_images
-  if images <= 10 or images & (images - 1) == 0:  # The first ten times, then at powers of two.
-    logging.warning("an image has %d segments for %d mask slots: dropped its %d smallest thing instances "
-                    "(their pixels are ignored by the mask losses); so far %d segments dropped in %d images in this "
-                    "process. Raise num_mask_slots to keep them.", num_segments, num_slots, num_dropped, total, images)
-
-
-def dropped_segment_counts() -> tuple[int, int]:
-  """(segments dropped, images affected) so far in this process."""
-  with _dropped_lock:
-    return _dropped_total, _dropped_images
-
-
 def mask_targets(panoptic: np.ndarray, config: TargetConfig) -> dict[str, np.ndarray]:
   """kMaX targets from a canonical map: per-pixel slot ids and semantic labels at the output stride, slot classes.
 
@@ -401,7 +382,6 @@ def mask_targets(panoptic: np.ndarray, config: TargetConfig) -> dict[str, np.nda
     keep[priority[:num_slots]] = True
     order = order[keep[order]]
     dropped = n - num_slots
-    _count_dropped(dropped, n, num_slots)
   slot_of_segment = np.full(n, -1, np.int32)
   slot_of_segment[order] = np.arange(len(order), dtype=np.int32)
   lut = np.full(len(values), -1, np.int32)
@@ -421,7 +401,10 @@ def mask_targets(panoptic: np.ndarray, config: TargetConfig) -> dict[str, np.nda
 
 
 class TrainTransform(grain.transforms.RandomMap):
-  """Source element -> augmented crop with kMaX targets (see the module docstring for keys and shapes)."""
+  """Source element -> augmented crop with kMaX targets (see the module docstring for keys and shapes).
+
+  An element carrying "decode_error" becomes an all-void blank with valid False (module docstring).
+  """
 
   def __init__(self, augment: AugmentConfig, targets: TargetConfig, photometric: bool = True):
     self.augment = augment
@@ -429,6 +412,8 @@ class TrainTransform(grain.transforms.RandomMap):
     self.photometric = photometric
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    if "decode_error" in element:
+      return self._blank(int(element["index"]))
     image, panoptic = element["image"], element["panoptic"]
     matrix = photometric_matrix(rng, self.augment, image) if self.photometric else None
     try:
@@ -437,6 +422,13 @@ class TrainTransform(grain.transforms.RandomMap):
       raise ValueError(f"example {element.get('name')!r}: {e}") from None
     return {"image": image, "panoptic": panoptic, **mask_targets(panoptic, self.targets),
             "valid": np.bool_(True), "index": np.int32(element.get("index", -1))}
+
+  def _blank(self, index: int) -> dict:
+    """The element of a sample that failed to decode: same keys, shapes and dtypes, all void, valid False."""
+    ch, cw = self.augment.crop_size
+    panoptic = np.full((ch, cw), VOID, np.int32)
+    return {"image": np.full((ch, cw, 3), self.augment.pad_value, np.uint8), "panoptic": panoptic,
+            **mask_targets(panoptic, self.targets), "valid": np.bool_(False), "index": np.int32(index)}
 
 
 class EvalTransform(grain.transforms.Map):

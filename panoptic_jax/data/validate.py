@@ -1,13 +1,18 @@
 """Validates a dataset and summarises it.
 
-    python -m panoptic_jax.data.validate LOCATION [--endpoint_url URL] [--json FILE] [--workers N]
+    python -m panoptic_jax.data.validate LOCATION [--endpoint_url URL] [--json FILE] [--workers N] [--headers_only]
 
-LOCATION is a folder or `s3://bucket/prefix`. Every annotation is decoded against its image's size (read from the
-image header; pixels are not decoded), every image header is read, and the summary is printed: images, annotated
-images, unpaired files (count and names), per category the number of segments, pixels (at image resolution) and
-images (things / stuff marked), void pixels, annotation scales ("1x: 40, 2x: 10") and instance-id dtypes.
-`--json FILE` writes the same summary as JSON. Exit status 1, with the list of errors (file: reason), when anything
-is invalid; 0 otherwise. Files without a partner are reported, not errors (images alone are valid for prediction).
+LOCATION is a folder or `s3://bucket/prefix`. Every image is decoded in full (a truncated or corrupt file is an
+error, as it would be in training), every annotation is decoded against its image's size, and the summary is
+printed: images, annotated images, unpaired files (count and names), per category the number of segments, pixels (at
+image resolution) and images (things / stuff marked), void pixels, annotation scales ("1x: 40, 2x: 10") and
+instance-id dtypes. `--json FILE` writes the same summary as JSON. Exit status 1, with the list of errors (file:
+reason), when anything is invalid; 0 otherwise. Files without a partner are reported, not errors (images alone are
+valid for prediction).
+
+`--headers_only` reads only the image headers (the size): faster, since no pixels are decoded, but blind to truncated
+or corrupt pixel data. The final line then says that the images were only header-checked, never that every file is
+valid, and the JSON summary has "images_decoded": false.
 
 Work is spread over `--workers` threads (default: the CPU count, at most 8): reading is I/O and TIFF / zlib decoding
 and numpy release the GIL much of the time. `--processes` uses worker processes instead (spawned, each with its own
@@ -27,6 +32,7 @@ import sys
 import numpy as np
 import tifffile
 import tqdm
+from PIL import ImageFile
 
 from panoptic_jax import cli
 from panoptic_jax.data import dataset_format as fmt
@@ -38,11 +44,12 @@ _MAX_NAMES = 20
 # Per worker process (or the main process for --workers 0): set by _init_worker.
 _STORAGE = None
 _INFO = None
+_HEADERS_ONLY = False
 
 
-def _init_worker(storage, info) -> None:
-  global _STORAGE, _INFO
-  _STORAGE, _INFO = storage, info
+def _init_worker(storage, info, headers_only: bool = False) -> None:
+  global _STORAGE, _INFO, _HEADERS_ONLY
+  _STORAGE, _INFO, _HEADERS_ONLY = storage, info, headers_only
 
 
 def _reason(message: str, where: str) -> str:
@@ -91,7 +98,10 @@ def _check(task: tuple[str, str | None, str | None]) -> dict:
   if image_path in blobs:
     where = storage.url(image_path)
     try:
-      image_hw = image_size(blobs[image_path], where)
+      if _HEADERS_ONLY:
+        image_hw = image_size(blobs[image_path], where)
+      else:
+        image_hw = fmt.decode_image(blobs[image_path], where).shape[:2]
     except fmt.FormatError as e:
       result["errors"].append((where, _reason(str(e), where)))
   if annotation_path in blobs and (image_path is None or image_hw is not None):
@@ -114,12 +124,29 @@ def _names(paths: list[str]) -> list[str]:
 
 
 def validate_dataset(location: str, endpoint_url: str | None = None, workers: int | None = None,
-                    progress: bool = True, processes: bool = False) -> dict:
-  """Validates every file of a dataset; returns the summary (JSON-serialisable) with an "errors" list."""
+                    progress: bool = True, processes: bool = False, headers_only: bool = False) -> dict:
+  """Validates every file of a dataset; returns the summary (JSON-serialisable) with an "errors" list.
+
+  Args:
+    location: folder or s3://bucket/prefix.
+    endpoint_url: S3 endpoint.
+    workers: threads (or processes) checking files; None: the CPU count, at most 8.
+    progress: show a progress bar on stderr.
+    processes: worker processes instead of threads.
+    headers_only: read image headers only (the summary's "images_decoded" is then False); default: decode fully.
+
+  Raises:
+    RuntimeError: Pillow is set to accept truncated images (PIL.ImageFile.LOAD_TRUNCATED_IMAGES) without
+      headers_only.
+  """
+  if ImageFile.LOAD_TRUNCATED_IMAGES and not headers_only:  # Set by some import: Pillow then pads truncated files.
+    raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images would "
+                       "decode without error and pass validation; set it to False before validating")
   try:
     dataset = Dataset.open(location, endpoint_url)
   except (StorageError, fmt.FormatError) as e:
-    return {"location": str(location), "valid": False, "errors": [{"file": str(location), "reason": str(e)}]}
+    return {"location": str(location), "valid": False, "images_decoded": not headers_only,
+            "errors": [{"file": str(location), "reason": str(e)}]}
   storage, info = dataset.storage, dataset.info
   tasks = [(e.name, e.image, e.annotation) for e in dataset.examples]
   tasks += [(p, p, None) for p in dataset.unpaired_images]
@@ -150,16 +177,17 @@ def validate_dataset(location: str, endpoint_url: str | None = None, workers: in
 
   try:
     if workers <= 1:
-      _init_worker(storage, info)
+      _init_worker(storage, info, headers_only)
       consume(map(_check, tasks))
     elif not processes:
-      _init_worker(storage, info)
+      _init_worker(storage, info, headers_only)
       with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         consume(pool.map(_check, tasks))
     else:
       # spawn: workers start clean (no inherited s3fs event-loop threads); the storage is pickled to each.
-      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                  initializer=_init_worker, initargs=(storage, info)) as pool:
+      context = multiprocessing.get_context("spawn")
+      with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(storage, info, headers_only)) as pool:
         consume(pool.map(_check, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers)))))
   finally:
     bar.close()
@@ -167,6 +195,7 @@ def validate_dataset(location: str, endpoint_url: str | None = None, workers: in
   return {
       "location": storage.describe(),
       "valid": not errors,
+      "images_decoded": not headers_only,
       "images": dataset.num_images,
       "annotations": dataset.num_annotations,
       "annotated_images": len(dataset.examples),
@@ -213,8 +242,11 @@ def format_summary(summary: dict) -> str:
   if errors:
     lines.append(f"INVALID: {len(errors)} errors")
     lines += [f"  {e['file']}: {e['reason']}" for e in errors]
-  else:
+  elif summary.get("images_decoded", True):
     lines.append("OK: every file is valid")
+  else:
+    lines.append("OK: every annotation is valid; images were only header-checked (--headers_only): their pixels were "
+                 "not decoded, so truncated or corrupt images are not ruled out")
   return "\n".join(lines)
 
 
@@ -228,10 +260,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--processes", action="store_true",
                       help="worker processes instead of threads (each starts in about 2 s; for large local datasets)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar on stderr")
+  parser.add_argument("--headers_only", action="store_true",
+                      help="read only image headers (faster; does not catch truncated or corrupt pixel data)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
   summary = validate_dataset(args.location, args.endpoint_url, args.workers, progress=not args.no_progress,
-                            processes=args.processes)
+                            processes=args.processes, headers_only=args.headers_only)
   print(format_summary(summary))
   if args.json:
     with open(args.json, "w") as f:

@@ -28,7 +28,7 @@ from panoptic_jax.data import transforms
 from panoptic_jax.errors import UserError
 from panoptic_jax.inference import postprocess
 from panoptic_jax.model import kmax_deeplab
-from panoptic_jax.training import losses, optim
+from panoptic_jax.training import data_health, losses, optim
 
 
 class ConfigError(UserError, ValueError):
@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.input = ml_collections.ConfigDict({name: getattr(augment, name) for name in _INPUT_FIELDS})
   config.input.num_workers = -1  # Worker processes decoding and augmenting; 0: threads of the main process; -1: one
   #                                per host core.
+  # Training skips a sample whose files fail to decode (named in the log, counted in the metrics) and stops when more
+  # than this fraction of the samples were skipped (panoptic_jax/training/data_health.py).
+  config.input.max_skipped_fraction = data_health.DEFAULT_MAX_SKIPPED_FRACTION
 
   config.loss = ml_collections.ConfigDict(dataclasses.asdict(losses.LossConfig()))
   config.optim = ml_collections.ConfigDict(dataclasses.asdict(optim.OptimConfig()))

@@ -25,7 +25,7 @@ from panoptic_jax.data import pipeline, synthetic
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.errors import UserError
 from panoptic_jax.model import kmax_deeplab, sharding_rules
-from panoptic_jax.training import checkpoint, eval_loop, losses, optim, sharding
+from panoptic_jax.training import checkpoint, data_health, eval_loop, losses, optim, sharding
 from panoptic_jax.training import config as config_lib
 from panoptic_jax.training import workdir as workdir_lib
 from panoptic_jax.training.metrics_writer import MetricsWriter, Progress
@@ -34,7 +34,7 @@ State = dict[str, Any]
 
 
 class TrainingError(UserError, RuntimeError):
-  """Training cannot go on (a non-finite loss, out of memory); the message says what to do."""
+  """Training cannot go on (non-finite loss, out of memory, too many undecodable samples); the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +127,7 @@ def train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule: 
                "model_state": model_state, "opt_state": opt_state}
   metrics = {**terms, "loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"])}
+  metrics.update(data_health.batch_counts(batch))  # Global counts: every process takes the same decision to stop.
   return new_state, metrics
 
 
@@ -225,6 +226,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
 def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, train_dataset: Dataset | None,
          val_dataset: Dataset | None) -> dict[str, Any]:
   info = (train_dataset or val_dataset).info
+  input_health = None
+  if train_dataset is not None:
+    input_health = data_health.InputHealth(train_dataset, config.train.batch_size, config.input.max_skipped_fraction)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch_size(config.train.batch_size, mesh, "config.train.batch_size")  # Before anything compiles.
   sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
@@ -258,7 +262,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
       writer.write(int(state["step"]), results["scalars"], prefix="eval/")
       return results
     results = _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
-                          evaluator if mode == "train_and_eval" else None)
+                          evaluator if mode == "train_and_eval" else None, input_health)
   finally:
     checkpointer.close()
     writer.close()
@@ -268,7 +272,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
 
 
 def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
-                evaluator) -> dict[str, Any]:
+                evaluator, input_health: data_health.InputHealth) -> dict[str, Any]:
   loss_config = losses.LossConfig(**config.loss)
   step_fn = jit_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
   base_rng = jax.random.key(config.seed)
@@ -281,7 +285,9 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
   compiled = None
   with guard.installed():
     while step < total:
-      batch = sharding.global_batch(next(train_iter), mesh)
+      local_batch = next(train_iter)
+      input_health.note_batch(local_batch)  # Names the files of this process's rows that failed to decode.
+      batch = sharding.global_batch(local_batch, mesh)
       rng = jax.random.fold_in(base_rng, step)  # A function of the step: resumed runs draw the same samples.
       try:
         if compiled is None:
@@ -301,11 +307,15 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
         history = [(s, {k: float(v) for k, v in jax.device_get(m).items()}) for s, m in pending]
         pending.clear()
         _check_finite(history)
+        counts = input_health.take_counts(history)  # Sums over the window, not means; off the progress line.
         last_step, last = history[-1]
         means = {k: float(np.mean([m[k] for _, m in history])) for k in last}
         means["learning_rate"] = last["learning_rate"]
-        writer.write(last_step, means, prefix="train/")
+        writer.write(last_step, {**means, **counts}, prefix="train/")
         progress.log(last_step, means)
+        problem = input_health.check(last_step, counts, len(history))
+        if problem is not None:
+          raise TrainingError(problem)
       if save_due or stop or step == total:
         checkpointer.save(step, state, train_iter, force=True)
       if stop:

@@ -1,8 +1,11 @@
 """Grain pipelines: determinism, resume, workers, process sharding, epochs, eval coverage, batch contract."""
 
+import shutil
+
 import numpy as np
 import pytest
 
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import pipeline, synthetic, transforms
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.data.source import PanopticSource
@@ -163,3 +166,61 @@ def test_s3_train_batches_equal_local_with_workers(s3_bucket, s3_server, data_ro
     _assert_same(_take(it, 2), reference)
   finally:
     it.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Undecodable files
+
+
+@pytest.fixture(scope="module")
+def broken_train_set(data_root, tmp_path_factory):
+  """The train set with images/000003.jpg cut in half (a truncated JPEG) and panoptic_maps/000007.tif cut in half."""
+  root = tmp_path_factory.mktemp("broken") / "train"
+  shutil.copytree(data_root / "train", root)
+  for path in (root / "images" / "000003.jpg", root / "panoptic_maps" / "000007.tif"):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+  return Dataset.open(root)
+
+
+def _one_epoch_rows(iterator) -> dict[int, dict]:
+  """index -> that element's row of every key, over the first epoch."""
+  rows = {}
+  for batch in _take(iterator, NUM_TRAIN // 4):
+    for i, index in enumerate(batch["index"].tolist()):
+      rows[index] = {key: value[i] for key, value in batch.items()}
+  assert sorted(rows) == list(range(NUM_TRAIN))
+  return rows
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_undecodable_training_samples_become_invalid_blanks(train_set, broken_train_set, num_workers, caplog):
+  bad = {3: "images/000003.jpg", 7: "panoptic_maps/000007.tif"}
+  config = pipeline.PipelineConfig(**{**CONFIG.__dict__, "num_workers": num_workers})
+  reference = _one_epoch_rows(pipeline.make_train_iterator(train_set, CONFIG, 0, 1))
+  it = pipeline.make_train_iterator(broken_train_set, config, 0, 1)
+  try:
+    with caplog.at_level("WARNING"):
+      rows = _one_epoch_rows(it)
+  finally:
+    if num_workers:
+      it.close()
+  for index, row in rows.items():
+    if index in bad:  # Same keys, shapes and dtypes as any element; all void, no slots, left out of the losses.
+      assert not row["valid"]
+      assert {k: (v.shape, v.dtype) for k, v in row.items()} == {k: (v.shape, v.dtype)
+                                                                  for k, v in reference[index].items()}
+      assert (row["panoptic"] == -1).all() and (row["semantic"] == -1).all() and (row["slot_ids"] == -1).all()
+      assert (row["slot_classes"] == -1).all() and (row["image"] == transforms.PAD_PIXEL).all()
+    else:  # Every other sample is exactly what the intact dataset gives: same order, same augmentation.
+      assert row["valid"]
+      for key in row:
+        np.testing.assert_array_equal(row[key], reference[index][key], err_msg=f"{index} {key}")
+  if not num_workers:  # Worker processes log to their own stderr.
+    for path in bad.values():
+      assert sum(f"{path}: cannot decode" in r.getMessage() for r in caplog.records) == 1, caplog.text
+
+
+def test_undecodable_eval_image_raises_naming_the_file(broken_train_set):
+  with pytest.raises(fmt.FormatError, match=r"images/000003\.jpg: cannot decode as an image.*data\.validate"):
+    list(pipeline.make_eval_iterator(broken_train_set, CONFIG, 0, 1))

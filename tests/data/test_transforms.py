@@ -86,12 +86,10 @@ def test_too_many_segments_drops_smallest_things_with_count(caplog):
   for k, s in enumerate(sizes):  # cars 1..6 of growing area s x 2
     pan[2:2 + s, 6 * k:6 * k + 2] = 2 * DIV + k + 1
   pan[15:, :5] = 1 * DIV  # sky
-  before = T.dropped_segment_counts()
   with caplog.at_level("WARNING"):
     out = T.mask_targets(pan, _targets_config(num_slots=5))
   assert out["dropped_segments"] == 3
-  assert T.dropped_segment_counts() == (before[0] + 3, before[1] + 1)
-  assert "dropped its 3 smallest thing instances" in caplog.text
+  assert not caplog.records  # No warning per image: the training loop warns a few times per run with the count.
   # Kept: road, sky, and the three largest cars (4, 5, 6) in canonical order.
   np.testing.assert_array_equal(out["slot_classes"], [0, 1, 2, 2, 2])
   for slot, car in zip([2, 3, 4], [4, 5, 6]):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+from PIL import ImageFile
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import validate as validate_lib
@@ -110,3 +112,35 @@ def test_worker_processes(tmp_path):
   _write(open_storage(tmp_path))
   summary = validate_lib.validate_dataset(str(tmp_path), workers=2, progress=False, processes=True)
   _check_summary(summary, tmp_path)
+
+
+def _truncated_jpeg() -> bytes:
+  """A valid JPEG of noise cut in half: its header (and size) reads, its pixels do not decode."""
+  data = fmt.encode_image(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8), ".jpg")
+  return data[:len(data) // 2]
+
+
+def test_truncated_jpeg_is_an_error_and_headers_only_does_not_say_ok(tmp_path, capsys):
+  storage = open_storage(tmp_path)
+  _write(storage)
+  storage.write_bytes("images/lonely.jpg", _truncated_jpeg())
+  code = validate_lib.main([str(tmp_path), "--json", str(tmp_path / "s.json"), "--workers", "0", "--no_progress"])
+  out = capsys.readouterr().out
+  assert code == 1, out
+  assert f"{tmp_path}/images/lonely.jpg: cannot decode as an image: OSError: image file is truncated" in out
+  summary = json.loads((tmp_path / "s.json").read_text())
+  assert summary["images_decoded"] and [e["file"] for e in summary["errors"]] == [f"{tmp_path}/images/lonely.jpg"]
+
+  code = validate_lib.main([str(tmp_path), "--json", str(tmp_path / "h.json"), "--workers", "0", "--no_progress",
+                            "--headers_only"])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert "every file is valid" not in out and "images were only header-checked (--headers_only)" in out
+  assert json.loads((tmp_path / "h.json").read_text())["images_decoded"] is False
+
+
+def test_pillow_accepting_truncated_images_is_refused(tmp_path, monkeypatch):
+  _write(open_storage(tmp_path))
+  monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+  with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES is True"):
+    validate_lib.validate_dataset(str(tmp_path), workers=0, progress=False)
