@@ -40,14 +40,14 @@ from panoptic_jax.inference import postprocess as pp  # noqa: E402
 from panoptic_jax.model.kmax_deeplab import (abstract_model, build_model, default_num_classes,  # noqa: E402
                                              param_breakdown)
 
-# The authors' PyTorch port, kmax_r50_coco (133 + 1 classes): /work/shared/reference/kmax.md section 6.
+# The authors' PyTorch port, kmax_r50_coco (133 + 1 classes): docs/kmax.md, section 4.
 PYTORCH_PORT_R50_COCO = {"backbone": 23_508_032, "pixel_decoder": 21_151_040,
                          "transformer_decoder_and_heads": 11_921_048, "aux_semantic_head": 15_856_742,
                          "total_without_aux": 56_580_120, "total_with_aux": 72_436_862}
 
 
-# The port's inference (reference/kmax.md, issue 3): seconds per image, and its 2048^2 float32 matmul rate derived
-# from "148.5 GFLOP, about 45% of that rate" in 1.77 s.
+# The port's inference, measured with its own code on this kind of machine (issue 3): seconds per image, and its
+# 2048^2 float32 matmul rate derived from "148.5 GFLOP, about 45% of that rate" in 1.77 s.
 PYTORCH_PORT_INFERENCE_S = {641: 1.77, 1281: 9.0}
 PYTORCH_PORT_MATMUL_RATE = 148.5 / 1.77 / 0.45
 

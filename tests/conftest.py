@@ -1,4 +1,4 @@
-"""Shared pytest setup: fake CPU devices, persistent compilation cache, fixture paths.
+"""Shared pytest setup: fake CPU devices, persistent compilation cache, the real fixtures (tests/fixtures).
 
 JAX reads its device count once, at first use, so the environment is set here before any test imports JAX.
 """
@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 pytest_plugins = ["tests.s3_server"]  # The real SeaweedFS server fixtures (s3_server, s3_env, s3_root).
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_FIXTURES = REPO_ROOT.parent / "shared" / "fixtures"
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 jax.config.update("jax_compilation_cache_dir", str(REPO_ROOT / ".cache" / "jax_compilation"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -23,8 +23,6 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture(scope="session")
-def shared_fixtures() -> pathlib.Path:
-  """The real COCO / Cityscapes fixtures beside the checkout (../shared/fixtures); never copied in."""
-  if not SHARED_FIXTURES.is_dir():
-    pytest.fail(f"expected the shared fixtures at {SHARED_FIXTURES}; found nothing there")
-  return SHARED_FIXTURES
+def fixtures() -> pathlib.Path:
+  """Small real COCO / Cityscapes ground truth with the official evaluators' numbers (tests/fixtures/README.md)."""
+  return FIXTURES

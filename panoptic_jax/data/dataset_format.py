@@ -1,6 +1,6 @@
 """The dataset format: metadata.yaml and 2-page TIFF annotations, decoded once into canonical panoptic maps.
 
-On disk (see DESIGN.md and the README):
+On disk (see the README, "The dataset format"):
   images/<stem>.<ext>         one image per file
   <annotations>/<stem>.tif    page 1: RGB category-colour map; page 2: instance-id map (uint8 / uint16 / uint32)
   metadata.yaml               task, annotations, categories, colors, optional things

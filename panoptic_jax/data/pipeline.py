@@ -160,8 +160,8 @@ class EpochShuffle(grain.MapDataset):
   """Endless epochs of the parent dataset, each in its own order: a numpy permutation per epoch, seeded by
   (seed, epoch) and cached (the last two epochs, for prefetching across a boundary).
 
-  Same role as `MapDataset.shuffle(seed).repeat()`, whose per-element Feistel shuffle costs about 0.7 ms an element
-  in Grain 0.2.18 (a twentieth of an image's decode); a cached permutation costs microseconds.
+  Same role as `MapDataset.shuffle(seed).repeat()`, whose per-element Feistel shuffle (Grain 0.2.18) costs a
+  noticeable share of an image's decode; a cached permutation costs microseconds.
   """
 
   def __init__(self, parent: grain.MapDataset, seed: int):

@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from panoptic_jax.errors import UserError
+
 T = TypeVar("T")
 
 # Retries of transient failures (see the module docstring); delays in seconds.
@@ -62,7 +64,7 @@ _TRANSIENT_CODES = frozenset({
 })
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
   """A permanent storage failure; the message names the location, the object, and what went wrong.
 
   Attributes:

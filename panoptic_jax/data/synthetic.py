@@ -3,7 +3,7 @@
     python -m panoptic_jax.data.synthetic --out LOCATION --num_train 400 --num_val 100 --seed 0 \
         [--height 128 --width 256] [--endpoint_url URL] [--num_workers N]
 
-writes two datasets in the project's format (DESIGN.md, "The dataset format"), one per split, each complete on its own:
+writes two datasets in the project's format (README.md, "The dataset format"), one per split, each complete on its own:
 
     LOCATION/train/images/000000.jpg ...   LOCATION/train/panoptic_maps/000000.tif ...   LOCATION/train/metadata.yaml
     LOCATION/val/images/...                LOCATION/val/panoptic_maps/...                LOCATION/val/metadata.yaml

@@ -30,7 +30,7 @@ Reproducibility (same seed, same batches) holds for one backend.
 Photometric jitter (train): brightness, contrast, saturation and a hue rotation, composed into one 3x4 colour matrix
 and applied in one call at whichever of source window / crop has fewer pixels.
 
-Mask-slot targets (kMaX-DeepLab, reference/kmax.md section 7): computed on the label at the model output stride
+Mask-slot targets (kMaX-DeepLab, docs/kmax.md, section 5): computed on the label at the model output stride
 (`panoptic[::stride, ::stride]`), so every slot has at least one pixel there. One slot per thing instance, one per
 stuff class present (all pixels of a stuff class are one segment, whatever instance ids they carry). Slot order:
 stuff slots first, by category id, then thing slots by (category id, instance id); unused slots have class -1 and no
@@ -70,7 +70,7 @@ _YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Augmentation settings (DeepLab2 / kMaX recipes: reference/kmax.md section 9).
+  """Augmentation settings (DeepLab2 / kMaX recipes: docs/kmax.md, section 7).
 
   Attributes:
     crop_size: (height, width) of every output crop; kMaX uses output_stride * k + 1 (e.g. 641, 1025x2049).

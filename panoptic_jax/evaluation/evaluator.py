@@ -44,8 +44,8 @@ class Evaluator:
     names: category names (canonical index order).
     is_thing: per category.
     label_divisor: of the canonical maps given to `add`.
-    batch_size: images per jitted call (the batch is padded with all-VOID images). Each call costs ~0.8 ms of host
-      work (dispatch, transfer, accumulation) besides ~0.4 ms of device work per COCO-size image on 2 cores.
+    batch_size: images per jitted call (the batch is padded with all-VOID images); each call has a fixed host cost
+      (dispatch, transfer, accumulation) that larger batches share.
     max_segments: initial static slots per image; doubled automatically when an image has more.
     mixed_fraction: initial `panoptic_stats` mixed_fraction; doubled automatically (up to 1) when an image needs more.
     pad_multiple: images are padded to multiples of this (fewer distinct jit shapes).

@@ -9,7 +9,7 @@ the canonical map, so the ground truth comes with an optional second map:
             region that forgives false positives (panopticapi: pixels of a segment missing from `segments_info`, and
             crowd segments of a category other than its last-listed one).
 
-Per image, panopticapi's rules (reference/metrics.md):
+Per image, panopticapi's rules (docs/metrics.md):
   * a GT segment and a predicted segment match when they have the same category, the GT is not crowd and
     IoU > 0.5 (strictly), with `union = pred_area + gt_area - intersection - |pred n GT VOID|`;
   * FN = unmatched non-crowd GT segment;
@@ -35,12 +35,12 @@ Outputs are integers with static shapes, all per image: per-category `tp`, `fp`,
 pair's category, intersection and union. The host sums them and computes IoUs in float64
 (`PanopticQualityAccumulator`), which is what makes `iou_sum` equal to panopticapi's to ~1e-15. Nothing is summed
 across devices inside the computation: on XLA:CPU a collective makes each device's thread wait at a rendezvous, so
-several batches in flight slow each other down (8 batches: -8% throughput on 2 cores) and, with enough of them, fill
-the thread pool with waiting threads and hang (50 batches of 8 images on 2 devices did).
+several batches in flight slow each other down and, with enough of them, fill the thread pool with waiting threads
+and hang.
 
 Host maps: `jax.device_put` of a numpy array copies it unless its data starts on a 64-byte boundary, in which case
 JAX's CPU client aliases it (per shard too when the shards are aligned). numpy aligns to 16 bytes only, and the copy
-costs more than the statistics (~0.4 ms per 480x640 int32 map), so build host batches with `aligned_full`.
+costs more than the statistics, so build host batches with `aligned_full`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Confusion matrix [C, C + 1]: rows = GT category (ignored pixels excluded), columns = predicted category, column C =
 predicted VOID / ignore (a miss for the GT class, never a class of its own). Per-class IoU = tp / (tp + fp + fn).
 
-Conventions (reference/metrics.md):
+Conventions (docs/metrics.md):
   "classes_with_gt": mean over classes with GT pixels (detectron2 / Mask2Former);
   "classes_with_union": mean over classes with tp + fp + fn > 0 (Keras MeanIoU in DeepLab2, cityscapesScripts, mmseg).
 They agree when every predicted class is present in the GT. `miou_from_confusion` reports both and says which is

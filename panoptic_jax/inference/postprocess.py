@@ -1,6 +1,6 @@
 """kMaX-DeepLab mask-wise merge: mask logits + class logits -> canonical panoptic map, segment scores, class probs.
 
-reference/kmax.md section 8 (DeepLab2 `model/post_processor/max_deeplab.py`, the PyTorch port's
+docs/kmax.md, section 6 (DeepLab2 `model/post_processor/max_deeplab.py`, the PyTorch port's
 `panoptic_inference`):
 
 1. softmax over slots per pixel; a slot's binary mask is prob > pixel_confidence;
@@ -56,7 +56,7 @@ class PostprocessConfig:
                        f"three binary slot masks); found {self.pixel_confidence}")
 
 
-# The one table of presets (reference/kmax.md section 8).
+# The one table of presets (docs/kmax.md, section 6).
 PRESETS: dict[str, PostprocessConfig] = {
     "coco": PostprocessConfig(0.7, 0.5, 0.8, 1.0, 1.0, 0.4, 400, 6400),
     "cityscapes": PostprocessConfig(0.5, 0.3, 0.9, 1.0, 0.0, 0.4, 256, 2048),

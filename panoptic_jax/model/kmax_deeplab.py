@@ -91,8 +91,7 @@ _TINY = KMaXConfig(
     num_slots=16, decoder_blocks=(1, 1, 1), query_dim=32, bottleneck_dim=32, key_depth=16, value_depth=32,
     ffn_dim=64, pixel_hidden_dim=32, embed_dim=16, aspp_dim=16, semantic_low_dims=(8, 8))
 # The demo's model: kmax_tiny widened where the feature maps are small (strides 8-32, the 16 cluster centres), which
-# costs little time on a CPU; the stride-4 widths and the pixel embedding stay tiny (~0.25 s per step of 8 crops of
-# 129x257 on 2 quiet cores).
+# costs little time on a CPU; the stride-4 widths and the pixel embedding stay tiny.
 _SMALL = _TINY.replace(backbone_widths=(16, 32, 48, 64), pixel_decoder_widths=(64, 48, 32, 16), query_dim=64,
                        bottleneck_dim=64, key_depth=32, value_depth=64, ffn_dim=256, aspp_dim=32)
 
@@ -264,7 +263,7 @@ def count_params(module: nnx.Module | None) -> int:
 
 
 def param_breakdown(model: KMaXDeepLab) -> dict[str, int]:
-  """Parameter counts per part (the kmax.md table's split)."""
+  """Parameter counts per part (the split of docs/kmax.md, section 4)."""
   parts = {
       "backbone": count_params(model.backbone),
       "pixel_decoder": count_params(model.pixel_decoder),

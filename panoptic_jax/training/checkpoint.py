@@ -12,7 +12,9 @@ renames it aside and removes interrupted saves, a reader touches nothing.
 """
 
 import contextlib
+import errno
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -45,6 +47,19 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+class DiskFullError(UserError, OSError):
+  """A checkpoint could not be written for lack of space; the message names the folder and the space needed."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """ENOSPC, as an OSError or in the text of the errors that tensorstore and Orbax raise around it."""
+  while error is not None:
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class CheckpointMismatchError(UserError, ValueError):
   """A complete checkpoint whose arrays do not fit the state being restored (another model or config)."""
 
@@ -55,9 +70,15 @@ def _leaf_name(path) -> str:
   return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
+def _stored(leaf) -> tuple[tuple[int, ...], str]:
+  """A leaf's shape and dtype as a checkpoint stores it (a PRNG key as its key data)."""
+  if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+    leaf = jax.eval_shape(jax.random.key_data, leaf)
+  return tuple(leaf.shape), str(np.dtype(leaf.dtype))
+
+
 def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {_leaf_name(path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_leaf_name(path): _stored(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def first_mismatch(saved, target) -> str | None:
@@ -89,6 +110,7 @@ class Checkpointer:
   def __init__(self, directory: str, every: int, keep: int, async_save: bool = True, writer: bool = True):
     self.every = every
     self._writer = writer
+    self._state_bytes = 0
     self._manager = ocp.CheckpointManager(
         epath.Path(directory).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
@@ -104,7 +126,26 @@ class Checkpointer:
     items = {"state": ocp.args.PyTreeSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    with self._disk_full_as_user_error():
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  @contextlib.contextmanager
+  def _disk_full_as_user_error(self):
+    """A full disk while saving (or finishing an asynchronous save) becomes one DiskFullError naming the folder, its
+    free space and the size of a checkpoint."""
+    try:
+      yield
+    except Exception as e:  # Orbax / tensorstore wrap the OSError in several types.
+      if not _is_disk_full(e):
+        raise
+      directory = epath.Path(self._manager.directory)
+      free = shutil.disk_usage(directory).free if directory.exists() else 0
+      raise DiskFullError(
+          f"no space left to write a checkpoint in {directory}: a checkpoint takes about "
+          f"{self._state_bytes / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some space (or lower "
+          "train.keep_checkpoints) and rerun the same command: the run resumes from the newest complete checkpoint"
+      ) from e
 
   def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None
                      ) -> tuple[Any, int] | None:
@@ -171,11 +212,14 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_full_as_user_error():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
 
 
 class PreemptionGuard:

@@ -24,7 +24,7 @@ from typing import Any
 
 import ml_collections
 
-from panoptic_jax.data import transforms
+from panoptic_jax.data import storage, transforms
 from panoptic_jax.errors import UserError
 from panoptic_jax.inference import postprocess
 from panoptic_jax.model import kmax_deeplab
@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.dataset.train = ""
   config.dataset.val = ""
   config.dataset.endpoint_url = ""
+  # How long an S3 endpoint may fail transiently (refused, reset, 5xx) before the run stops: retries back off, each
+  # logged (panoptic_jax/data/storage.py).
+  config.dataset.storage_retry_s = storage.DEFAULT_RETRY_BUDGET_S
   config.dataset.synthetic = None  # The demo's generated scenes (configs/demo.py); train / val then point into them.
 
   config.model = ml_collections.ConfigDict()
@@ -114,6 +117,8 @@ def validate(config: ml_collections.ConfigDict, *, needs_train_data: bool = True
   location = "a dataset location (folder or s3://bucket/prefix)"
   _check(synthetic or not needs_train_data or bool(config.dataset.train), "dataset.train", location, "")
   _check(synthetic or bool(config.dataset.val), "dataset.val", location, "")
+  _check(config.dataset.storage_retry_s >= 0, "dataset.storage_retry_s", "seconds >= 0",
+         config.dataset.storage_retry_s)
   _check(config.model.preset in kmax_deeplab.PRESETS, "model.preset", f"one of {sorted(kmax_deeplab.PRESETS)}",
          config.model.preset)
   _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", "'float32' or 'bfloat16'", config.model.dtype)

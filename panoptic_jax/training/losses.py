@@ -1,7 +1,7 @@
 """kMaX-DeepLab training losses: Hungarian matching, PQ-style loss, mask-ID CE, instance discrimination, semantic CE.
 
 Follows DeepLab2 (`model/loss/max_deeplab_loss.py`, `base_loss.py`) and the authors' PyTorch port
-(`kmax_deeplab/modeling/criterion.py`, `matcher.py`); see reference/kmax.md section 7.
+(`kmax_deeplab/modeling/criterion.py`, `matcher.py`); see docs/kmax.md, section 5.
 
 Inputs (all static shapes; B images, N predicted mask slots, M ground-truth slots, C classes):
 
@@ -223,7 +223,7 @@ def similarity_logsumexp(feature: jax.Array, temperature: float) -> jax.Array:
   The backward is written out from `E`, kept from the forward: with `r_k = sum_j E_kj` and `a = c / r` for a
   cotangent `c`, `dF = M F / T` with `M_kj = E_kj (a_k + a_j)`: elementwise in `E` (no exponential), one matmul.
   Autodiff takes two matmuls (one per operand of `F F^T`); summing `G + G^T` first needs a transpose of the `[K, K]`
-  matrix, which XLA:CPU does at ~1 GB/s (1.4 s of an R50 train step for 7 losses of 4096 samples).
+  matrix, which XLA:CPU does slowly.
   """
   return _similarity_logsumexp_fwd(feature, temperature)[0]
 

@@ -21,7 +21,7 @@ from absl import logging
 from flax import nnx
 
 from panoptic_jax import ops
-from panoptic_jax.data import pipeline, synthetic
+from panoptic_jax.data import pipeline, storage, synthetic
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.errors import UserError
 from panoptic_jax.model import kmax_deeplab, sharding_rules
@@ -204,6 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
       checkpoint to evaluate.
     CheckpointMismatchError: a checkpoint does not fit the model of `config`.
   """
+  storage.set_retry_budget(config.dataset.storage_retry_s)  # Before any worker process starts: they inherit it.
   wd = workdir_lib.Workdir(workdir)
   run_record = wd.read_run()
   has_checkpoint = bool(wd.checkpoint_steps())

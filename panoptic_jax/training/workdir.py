@@ -39,7 +39,7 @@ LOCK = "lock"
 # `train.steps` is among them (a run may be extended): the learning-rate schedule then changes from that step on.
 SAFE_OVERRIDES = ("eval.", "mesh.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.eval_every", "train.steps", "input.num_workers", "dataset.val", "dataset.endpoint_url",
-                  "dataset.synthetic.cache_dir")
+                  "dataset.storage_retry_s", "dataset.synthetic.cache_dir")
 
 
 class WorkdirError(UserError, RuntimeError):

@@ -145,3 +145,29 @@ def test_malformed_metadata_names_file(local_dataset):
   open_storage(local_dataset).write_bytes("metadata.yaml", b"task: detection\n")
   with pytest.raises(fmt.FormatError, match=rf"{local_dataset}/metadata\.yaml: task: expected"):
     Dataset.open(local_dataset)
+
+
+def test_a_dataset_in_another_label_space_decodes_its_categories_by_name(local_dataset, tmp_path):
+  """A validation set whose metadata lists the training set's categories in another order decodes into the
+  training set's label space; renamed, extra or missing categories and a thing that became stuff are errors."""
+  reference = Dataset.open(local_dataset)
+  order = (2, 0, 3, 1)
+  shuffled = fmt.DatasetInfo(tuple(INFO.categories[i] for i in order), tuple(INFO.colors[i] for i in order),
+                             tuple(INFO.is_thing[i] for i in order), "panoptic_maps")
+  other = open_storage(tmp_path / "reordered")
+  other.write_bytes("metadata.yaml", fmt.metadata_yaml(shuffled).encode())
+  for name in ("000", "001"):
+    for folder, ext in (("images", ".png" if name == "000" else ".jpg"), ("panoptic_maps", ".tif")):
+      other.write_bytes(f"{folder}/{name}{ext}", open_storage(local_dataset).read_bytes(f"{folder}/{name}{ext}"))
+  reordered = Dataset.open(tmp_path / "reordered")
+  assert not np.array_equal(reordered.read_panoptic(0), reference.read_panoptic(0))  # Its own indices differ.
+  aligned = reordered.in_label_space(INFO.categories, INFO.is_thing, "the training set")
+  for i in range(2):
+    np.testing.assert_array_equal(aligned.read_panoptic(i), reference.read_panoptic(i))
+
+  renamed = ("pedestrian",) + INFO.categories[1:]
+  with pytest.raises(fmt.FormatError, match=r"categories do not match those of the training set \(missing "
+                     r"\['pedestrian'\]; not in the training set: \['person'\]\)"):
+    reference.in_label_space(renamed, INFO.is_thing, "the training set")
+  with pytest.raises(fmt.FormatError, match=r"thing / stuff differs for \['car'\]"):
+    reference.in_label_space(INFO.categories, (True, False, False, False), "the training set")

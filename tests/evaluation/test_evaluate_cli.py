@@ -39,8 +39,8 @@ def _write_dataset(target: pathlib.Path, coco_json: pathlib.Path, coco_folder: p
   return info
 
 
-def test_coco_vs_coco_writes_json(shared_fixtures, tmp_path, capsys):
-  root = shared_fixtures / SAMPLE
+def test_coco_vs_coco_writes_json(fixtures, tmp_path, capsys):
+  root = fixtures / SAMPLE
   out = tmp_path / "r.json"
   code = evaluate.main(_coco_args(root, "gt", "panoptic_examples")
                        + _coco_args(root / "derived_predictions", "pred", "pred_edits") + ["--out", str(out)])
@@ -53,8 +53,8 @@ def test_coco_vs_coco_writes_json(shared_fixtures, tmp_path, capsys):
   assert result["semantic"]["convention"] == "classes_with_gt"
 
 
-def test_dataset_and_coco_sides_mix(shared_fixtures, tmp_path):
-  root = shared_fixtures / SAMPLE
+def test_dataset_and_coco_sides_mix(fixtures, tmp_path):
+  root = fixtures / SAMPLE
   _write_dataset(tmp_path / "gt_ds", root / "panoptic_examples.json", root / "panoptic_examples")
   out = tmp_path / "r.json"
   # Project-format GT (crowd became VOID) vs the COCO GT as a prediction: its crowd segments lie on VOID, forgiven.
@@ -72,8 +72,8 @@ def test_dataset_and_coco_sides_mix(shared_fixtures, tmp_path):
   assert json.loads(out.read_text())["panoptic"]["All"]["pq"] == 1.0
 
 
-def test_mismatched_images_unknown_category_and_shape_errors(shared_fixtures, tmp_path, capsys):
-  root = shared_fixtures / SAMPLE
+def test_mismatched_images_unknown_category_and_shape_errors(fixtures, tmp_path, capsys):
+  root = fixtures / SAMPLE
   gt_args = _coco_args(root, "gt", "panoptic_examples")
   data = json.loads((root / "panoptic_examples.json").read_text())
 

@@ -116,8 +116,8 @@ AP_CASES = [
 
 
 @pytest.mark.parametrize("case,folder,gt,pred", AP_CASES, ids=[c[0] for c in AP_CASES])
-def test_ap_fixture_with_scores_one(shared_fixtures, case, folder, gt, pred):
-  root = shared_fixtures / folder
+def test_ap_fixture_with_scores_one(fixtures, case, folder, gt, pred):
+  root = fixtures / folder
   expected = json.loads((root / "expected_results.json").read_text())["cases"][case]
   gt_side = coco_format.CocoPanoptic.open(root / f"{gt}.json", root / gt)
   pred_side = coco_format.CocoPanoptic.open(root / f"{pred}.json", root / pred)

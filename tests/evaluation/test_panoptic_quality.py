@@ -40,8 +40,8 @@ def _evaluate_coco(gt_json, gt_folder, pred_json, pred_folder, **kwargs):
 
 @pytest.mark.parametrize("case,folder,gt_json,gt_folder,pred_json,pred_folder", FIXTURE_CASES,
                          ids=[c[0] for c in FIXTURE_CASES])
-def test_fixtures_match_panopticapi(shared_fixtures, case, folder, gt_json, gt_folder, pred_json, pred_folder):
-  root = shared_fixtures / folder
+def test_fixtures_match_panopticapi(fixtures, case, folder, gt_json, gt_folder, pred_json, pred_folder):
+  root = fixtures / folder
   expected = json.loads((root / "expected_results.json").read_text())["cases"][case]
   result = _evaluate_coco(root / gt_json, root / gt_folder, root / pred_json, root / pred_folder)
   pq, reference = result["panoptic"], expected["panopticapi"]
@@ -67,9 +67,9 @@ def test_fixtures_match_panopticapi(shared_fixtures, case, folder, gt_json, gt_f
   assert result["instance"]["computed"] is False and "AP not computed" in result["instance"]["reason"]
 
 
-def _cityscapes_side(shared_fixtures, tmp_path):
+def _cityscapes_side(fixtures, tmp_path):
   """The DeepLab2 Cityscapes dummy GT with a categories list (its JSON has none): 19 train ids."""
-  root = shared_fixtures / "deeplab2_cityscapes_dummy" / "gtFine"
+  root = fixtures / "deeplab2_cityscapes_dummy" / "gtFine"
   data = json.loads((root / "cityscapes_panoptic_dummy_trainId.json").read_text())
   names = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
@@ -80,8 +80,8 @@ def _cityscapes_side(shared_fixtures, tmp_path):
   return path, root / "cityscapes_panoptic_dummy_trainId", data
 
 
-def test_cityscapes_dummy_gt_vs_itself_and_crowd(shared_fixtures, tmp_path):
-  gt_json, gt_folder, data = _cityscapes_side(shared_fixtures, tmp_path)
+def test_cityscapes_dummy_gt_vs_itself_and_crowd(fixtures, tmp_path):
+  gt_json, gt_folder, data = _cityscapes_side(fixtures, tmp_path)
   result = _evaluate_coco(gt_json, gt_folder, gt_json, gt_folder)
   pq = result["panoptic"]
   assert pq["All"] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 5}

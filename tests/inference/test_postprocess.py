@@ -11,7 +11,7 @@ DIVISOR = 1000
 
 
 def _numpy_merge(mask_logits, class_logits, is_thing, cfg, divisor):
-  """Straightforward loop version of reference/kmax.md section 8."""
+  """Straightforward loop version of docs/kmax.md, section 6."""
   h, w, n = mask_logits.shape
   num_classes = class_logits.shape[1] - 1
   e = np.exp(mask_logits - mask_logits.max(-1, keepdims=True))

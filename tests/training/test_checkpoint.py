@@ -184,6 +184,21 @@ def test_a_reader_skips_a_corrupt_step_but_changes_nothing_on_disk(tmp_path):
   assert sorted(os.listdir(directory)) == before
 
 
+def test_a_full_disk_is_one_error_naming_the_folder_and_the_space_needed(tmp_path, monkeypatch):
+  mesh = sharding.make_mesh(-1, 1)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=2)
+
+  def full(*args, **kwargs):
+    raise ValueError("Error writing local file: [Errno 28] No space left on device")  # As tensorstore words it.
+
+  monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full)
+  with pytest.raises(checkpoint.DiskFullError, match=rf"no space left to write a checkpoint in {tmp_path / 'c'}: a "
+                     r"checkpoint takes about 0\.00 GB and [0-9.]+ GB are free.*rerun the same command"):
+    ckpt.save(1, _state(mesh), None)
+  monkeypatch.undo()
+  ckpt.close()
+
+
 def test_preemption_guard_turns_sigterm_into_a_flag_and_restores_the_handler():
   guard = checkpoint.PreemptionGuard()
   before = signal.getsignal(signal.SIGTERM)

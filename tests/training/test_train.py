@@ -23,15 +23,6 @@ pytestmark = pytest.mark.slow
 SUBPROCESS_TIMEOUT_S = 300
 
 
-def mesh_8x1_run():
-  """The 6-step run on the (8, 1) mesh with evaluation at the end: (workdir, results)."""
-  def compute():
-    workdir = th.session_dir() / "mesh_8x1"
-    results = th.run_in_process(workdir, "train_and_eval")
-    return workdir, results
-  return th.memo("mesh_8x1", compute)
-
-
 def sigterm_run():
   """main.py on (8, 1) stopped by SIGTERM after its first logged step: (workdir, stopped step, console log)."""
   def compute():
@@ -65,7 +56,7 @@ def test_losses_on_one_device_and_on_the_8x1_mesh_agree():
   reference = th.losses(th.one_device_run())
   assert sorted(reference) == list(range(1, th.STEPS + 1))
   assert all(np.isfinite(v) for v in reference.values())
-  workdir, _ = mesh_8x1_run()
+  workdir, _ = th.mesh_8x1_run()
   th.assert_close(th.losses(workdir), reference)
   assert sorted(th.losses(workdir)) == sorted(reference)
 
@@ -75,7 +66,7 @@ def test_losses_on_one_device_and_on_the_8x1_mesh_agree():
 
 
 def test_checkpoints_every_n_steps_keep_the_newest_k():
-  workdir, _ = mesh_8x1_run()
+  workdir, _ = th.mesh_8x1_run()
   assert th.checkpoint_steps(workdir) == [4, 6]  # checkpoint_every=2, keep_checkpoints=2 over 6 steps.
   assert [p.name for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()] == []
 
@@ -93,10 +84,23 @@ def test_resume_after_sigterm_reproduces_the_uninterrupted_run_exactly():
   resumed = th.session_dir() / "resumed"
   shutil.copytree(workdir, resumed)
   th.run_in_process(resumed, "train")
-  uninterrupted, _ = mesh_8x1_run()
+  uninterrupted, _ = th.mesh_8x1_run()
   expected = th.train_metrics(uninterrupted)
   assert th.train_metrics(resumed) == expected  # Every logged scalar, bit for bit, steps 1..6.
   assert max(th.checkpoint_steps(resumed)) == th.STEPS
+
+
+def test_a_resumed_run_keeps_one_metrics_row_per_step():
+  """A run killed after logging steps past its newest checkpoint logs them again when resumed: metrics.jsonl keeps
+  one row per step, the resumed run's (bit-equal to the uninterrupted run's)."""
+  uninterrupted, _ = th.mesh_8x1_run()
+  workdir = th.session_dir() / "killed_after_step_6"
+  shutil.copytree(uninterrupted, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")  # As if killed before that checkpoint was complete.
+  th.run_in_process(workdir, "train")
+  steps = [r["step"] for r in th.read_metrics(workdir) if "train/loss" in r]
+  assert steps == list(range(1, th.STEPS + 1))
+  assert th.train_metrics(workdir) == th.train_metrics(uninterrupted)
 
 
 def test_restore_on_another_mesh_skipping_a_corrupted_newer_step(caplog):
@@ -114,7 +118,7 @@ def test_restore_on_another_mesh_skipping_a_corrupted_newer_step(caplog):
   losses_4x2 = th.losses(other)
   continued = {s: v for s, v in losses_4x2.items() if s > stopped}
   assert sorted(continued) == list(range(stopped + 1, th.STEPS + 1))
-  uninterrupted, _ = mesh_8x1_run()  # The checkpoint comes from (8, 1): compare with the (8, 1) run.
+  uninterrupted, _ = th.mesh_8x1_run()  # The checkpoint comes from (8, 1): compare with the (8, 1) run.
   th.assert_close(continued, th.losses(uninterrupted))
   assert th.checkpoint_steps(other)[-1] == th.STEPS  # Step 5 was set aside, so its new save is not skipped.
   assert len(list((other / "checkpoints").glob("5.corrupt-*"))) == 1
@@ -142,7 +146,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
   assert th.checkpoint_steps(tmp_path) == [2]
   assert sorted(th.losses(tmp_path)) == [1, 2]
   monkeypatch.undo()
-  uninterrupted, _ = mesh_8x1_run()
+  uninterrupted, _ = th.mesh_8x1_run()
   assert th.losses(tmp_path) == {s: v for s, v in th.losses(uninterrupted).items() if s <= 2}
 
 
@@ -170,7 +174,7 @@ def test_out_of_memory_errors_get_a_hint():
 
 
 def test_train_and_eval_writes_metrics_pictures_tensorboard_and_config():
-  workdir, results = mesh_8x1_run()
+  workdir, results = th.mesh_8x1_run()
   records = th.read_metrics(workdir)
   evals = [r for r in records if "eval/PQ" in r]
   assert [r["step"] for r in evals] == [th.STEPS]
@@ -186,7 +190,7 @@ def test_train_and_eval_writes_metrics_pictures_tensorboard_and_config():
 
 
 def test_eval_mode_evaluates_the_newest_checkpoint():
-  trained, results = mesh_8x1_run()
+  trained, results = th.mesh_8x1_run()
   workdir = th.session_dir() / "eval_only"
   shutil.copytree(trained / "checkpoints", workdir / "checkpoints")
   evaluated = th.run_in_process(workdir, "eval")

@@ -158,6 +158,15 @@ def one_device_run() -> pathlib.Path:
   return memo("one_device", compute)
 
 
+def mesh_8x1_run() -> tuple[pathlib.Path, dict]:
+  """The 6-step run on the (8, 1) mesh with evaluation at the end: (workdir, results), once per session."""
+  def compute():
+    workdir = session_dir() / "mesh_8x1"
+    results = run_in_process(workdir, "train_and_eval")
+    return workdir, results
+  return memo("mesh_8x1", compute)
+
+
 def assert_close(actual: dict[int, float], expected: dict[int, float], first_steps: int = 3) -> None:
   """Every step of `actual` is in `expected`: its first `first_steps` steps within 1e-5 (issue 5); later ones within a
   relative 1e-4, since float32 reduction-order differences between shardings grow with each update (measured:

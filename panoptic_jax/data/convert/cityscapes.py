@@ -13,7 +13,7 @@ Inputs, under --root (the official layout):
 `auto` takes instanceIds when gtFine/<split> holds any, else the panoptic JSON. Output names drop the suffixes:
 images/<name>.png and panoptic_maps/<name>.tif pair up.
 
-Conventions (DeepLab2's build_cityscapes_data.py, reference/metrics.md):
+Conventions (DeepLab2's build_cityscapes_data.py, docs/metrics.md):
 - 19 categories in train-id order with the official colours of cityscapesScripts helpers/labels.py; things are
   person, rider, car, truck, bus, train, motorcycle, bicycle (train ids 11-18).
 - instanceIds: value < 1000 is a label id without instance (stuff, or a crowd group of a thing class); value >= 1000

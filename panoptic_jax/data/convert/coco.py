@@ -4,7 +4,7 @@
       --panoptic_json COCO/annotations/panoptic_val2017.json --panoptic_dir COCO/annotations/panoptic_val2017 \
       --out data/coco/val [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
 
-Conventions (those of DeepLab2's build_coco_data.py, reference/metrics.md):
+Conventions (those of DeepLab2's build_coco_data.py, docs/metrics.md):
 - Categories: the JSON's `categories` list, in its order, become contiguous indices 0..C-1 (COCO: 133, the 80
   things first). metadata.yaml lists them with their names, `things` (isthing = 1) and their colours; colours are
   made unique and non-black (a later category that collides moves to the nearest free colour, logged), and a
