@@ -35,11 +35,11 @@ stage() {  # stage SECONDS NAME COMMAND...: run with a time limit, report its ex
   echo "=== $name: exit $? in $((SECONDS - start)) s"
 }
 
-# The tests of the code whose GPU path differs from the CPU's (lax depthwise and dilated convolutions, no YNNPACK
-# boundaries, one post-processing block) or whose numerics the GPU's matmuls could move: float32 matmuls at full
-# precision here, as the tests' tolerances assume; training below runs at JAX's default GPU precision.
+# The tests of the code whose GPU path differs from the CPU's (panoptic_jax/ops/dispatch.py: lax convolutions and
+# matmuls, no fusion barriers, one post-processing block) or whose numerics the GPU's matmuls could move: float32
+# matmuls at full precision here, as the tests' tolerances assume; training below runs at JAX's default GPU precision.
 JAX_PLATFORMS=cuda XLA_FLAGS= JAX_DEFAULT_MATMUL_PRECISION=highest stage 120 "GPU tests" \
-  python3 -m pytest -q -p no:cacheprovider tests/model tests/inference tests/training/test_losses.py \
+  python3 -m pytest -q -p no:cacheprovider tests/ops tests/model tests/inference tests/training/test_losses.py \
   tests/training/test_matching.py tests/training/test_memorise.py
 
 stage 130 "train step 641 b2 (the port's setting)" \

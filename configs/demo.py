@@ -1,4 +1,4 @@
-r"""The demo: a small kMaX model on the built-in synthetic street scenes, sized for a 2-core CPU (~10 minutes).
+r"""The demo: a small kMaX model on the built-in synthetic street scenes, sized for a 2-core CPU (~13 minutes).
 
   python -m panoptic_jax.main --config=configs/demo.py --workdir=runs/demo
 

@@ -111,10 +111,15 @@ class Workdir:
   def check_config(self, config: ml_collections.ConfigDict) -> list[str]:
     """Compares `config` with the run's own: raises WorkdirError naming the fields that differ outside
     SAFE_OVERRIDES; returns the safe fields that differ (for the log)."""
+    # Imported here: `panoptic_jax.main` imports this module before it re-executes itself, and should stay light.
+    from panoptic_jax.training import config as config_lib
+
     record = self.read_run()
     if record is None:
       return []
-    saved, given = _flatten(record["config"]), _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+    # The recorded config rebuilt on this version's base: fields added since take their defaults.
+    recorded = config_lib.from_record(record, str(self.path / CONFIG))
+    saved, given = (_flatten(json.loads(json.dumps(c.to_dict(), default=str))) for c in (recorded, config))
     differing = sorted(f for f in saved.keys() | given.keys() if saved.get(f) != given.get(f))
     unsafe = [f for f in differing if not _is_safe(f)]
     if unsafe:
