@@ -45,8 +45,8 @@ def test_metadata_is_the_official_table():
 
 
 @pytest.mark.parametrize("crowd", ["ignore", "keep"])
-def test_panoptic_layout_matches_deeplab2(shared_fixtures, tmp_path, crowd):
-  root = shared_fixtures / "deeplab2_cityscapes_dummy"
+def test_panoptic_layout_matches_deeplab2(fixtures, tmp_path, crowd):
+  root = fixtures / "deeplab2_cityscapes_dummy"
   out = tmp_path / "out"
   summary = cityscapes.convert(str(root), "dummy", str(out), images=str(root / "leftImg8bit"), crowd=crowd,
                                progress=False)
@@ -142,9 +142,9 @@ def test_resume_and_s3(tmp_path, s3_bucket, s3_server):
   assert pan.shape == (40, 60)
 
 
-def test_panoptic_layout_with_categories_and_label_ids(shared_fixtures, tmp_path):
+def test_panoptic_layout_with_categories_and_label_ids(fixtures, tmp_path):
   """A JSON made without --use-train-id (label ids, categories listed) converts to the same maps."""
-  root = shared_fixtures / "deeplab2_cityscapes_dummy"
+  root = fixtures / "deeplab2_cityscapes_dummy"
   data = json.loads((root / "gtFine" / "cityscapes_panoptic_dummy_trainId.json").read_text())
   label_id = {13: 26, 8: 21, 10: 23, 2: 11, 0: 7}
   for s in data["annotations"][0]["segments_info"]:

@@ -23,16 +23,16 @@ def _ids(png: pathlib.Path) -> np.ndarray:
 
 
 @pytest.fixture
-def sample(shared_fixtures):
+def sample(fixtures):
   """panopticapi's 2 COCO val images (with crowd): (images dir, json, png dir)."""
-  root = shared_fixtures / "panopticapi_sample"
+  root = fixtures / "panopticapi_sample"
   return root / "input_images", root / "panoptic_examples.json", root / "panoptic_examples"
 
 
 @pytest.fixture
-def tfm(shared_fixtures, tmp_path):
+def tfm(fixtures, tmp_path):
   """tensorflow/models' 4 masks (6 categories without colours, one crowd); images synthesised at the JSON's sizes."""
-  root = shared_fixtures / "tfmodels_deeplab_eval_testdata"
+  root = fixtures / "tfmodels_deeplab_eval_testdata"
   images = tmp_path / "tfm_images"
   images.mkdir()
   for image in json.loads((root / "coco_gt.json").read_text())["images"]:

@@ -85,6 +85,7 @@ def test_resume_without_workers(train_set):
   _assert_same(_take(resumed, 3), reference[2:])
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_batches_and_resume(train_set):
   reference = _take(pipeline.make_train_iterator(train_set, CONFIG, 0, 1), 5)
   with_workers = pipeline.PipelineConfig(**{**CONFIG.__dict__, "num_workers": 2})

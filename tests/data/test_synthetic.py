@@ -209,6 +209,7 @@ def test_ensure_demo_dataset_interrupted_leaves_no_partial_dataset(tmp_path, mon
   assert sorted(p.name for p in cache.iterdir() if p.name != ".synthetic.lock") == []
 
 
+@pytest.mark.slow
 def test_perfect_stride4_predictions_score_high_pq_on_the_demo_scenes():
   """The demo's labels are learnable at its output stride: perfect logits at the stride-4 target pixels, upsampled
   and merged as the model's are (demo preset), score well at full resolution. This bounds what any model can reach

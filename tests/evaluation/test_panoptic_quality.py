@@ -114,6 +114,7 @@ def _hotcoco_per_class(reference, category_id):
   return per_class.get(category_id, per_class.get(str(category_id)))
 
 
+@pytest.mark.slow
 def test_random_pairs_match_hotcoco(tmp_path):
   rng = np.random.default_rng(1234)
   gts, preds = zip(*(coco_cases.random_pair(rng, i + 1) for i in range(240)))
@@ -183,6 +184,7 @@ def _region_maps(rng, b, h, w, c, div):
   return gt, pred, crowd
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(61, 83), (48, 64)])  # 61x83: padded to whole tiles.
 def test_block_counting_equals_pixel_counting(h, w):
   rng = np.random.default_rng(h)
@@ -204,6 +206,7 @@ def test_block_counting_equals_pixel_counting(h, w):
   assert [result["panoptic"]["per_category"][f"c{k}"]["tp"] for k in range(5)] == outs[1.0]["tp"].sum(axis=0).tolist()
 
 
+@pytest.mark.slow
 def test_no_crowd_map_equals_an_empty_one_and_the_evaluator_drops_empty_ones():
   rng = np.random.default_rng(3)
   gt, pred, crowd = _region_maps(rng, 4, 48, 64, c=5, div=10)
@@ -305,6 +308,7 @@ def test_everything_void_gives_n_zero():
   assert "no category with segments" in table
 
 
+@pytest.mark.slow
 def test_single_category_iou_boundary_and_void_union():
   # GT segment of 4 px; the prediction covers 2 of them + 2 GT-VOID px: union = 4 + 4 - 2 - 2 = 4, IoU = 0.5 exactly,
   # which is not > 0.5: no match. Its VOID share is 2/4 = 0.5, not > 0.5: an FP too.
@@ -324,6 +328,7 @@ def test_single_category_iou_boundary_and_void_union():
   assert (e["tp"], e["fp"], e["fn"], e["iou_sum"]) == (1, 0, 0, 0.75)
 
 
+@pytest.mark.slow
 def test_crowd_forgives_same_category_only():
   # Crowd of category 0 covers the right half; a predicted category-0 segment lies mostly inside it.
   gt = np.array([[1, 1, -1, -1, -1, -1]] * 2)
@@ -336,6 +341,7 @@ def test_crowd_forgives_same_category_only():
   assert (r["c0"]["tp"], r["c1"]["fp"]) == (1, 1)
 
 
+@pytest.mark.slow
 def test_segment_overflow_is_a_clear_error():
   gt = np.arange(40).reshape(4, 10)
   with pytest.raises(SegmentOverflowError, match="max_segments=16"):
@@ -346,6 +352,7 @@ def test_segment_overflow_is_a_clear_error():
   assert ev.result()["panoptic"]["per_category"]["a"]["tp"] == 40
 
 
+@pytest.mark.slow
 def test_sharded_batch_equals_unsharded():
   rng = np.random.default_rng(0)
   maps = []

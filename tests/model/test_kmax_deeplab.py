@@ -49,6 +49,7 @@ def tiny():
 def _forward(model, images):
   return model(images)
 
+@pytest.mark.slow
 def test_tiny_train_then_eval(tiny):
   """COCO-like (stride 4) shapes; train mode updates BN statistics and adds the semantic head, eval does neither."""
   cfg = get_config("kmax_tiny")

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -17,6 +18,7 @@ def _images(batch, size=SIZE, seed=0):
   return jnp.asarray(np.random.RandomState(seed).randint(0, 256, (batch, size, size, 3)).astype(np.uint8))
 
 
+@pytest.mark.slow
 def test_sharded_8_devices_matches_single_device():
   assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
   model = build_model("kmax_tiny", NUM_CLASSES, rngs=nnx.Rngs(0))

@@ -144,6 +144,7 @@ def test_gradients_finite_and_nonzero():
     assert np.abs(g).max() > 0, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sample_k", [16, 4096])
 def test_coarse_auxiliary_pixel_features_equal_resized_ones(sample_k):
   """Auxiliary pixel features at a coarser stride (upsampled at the sampled pixels only) give the loss and the
@@ -244,8 +245,9 @@ def test_padding_images_are_left_out():
     assert padded[k] == pytest.approx(single[k], rel=1e-5), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("unit_norm", [False, True])
-def testsimilarity_logsumexp_gradient_is_autodiffs(unit_norm):
+def test_similarity_logsumexp_gradient_is_autodiffs(unit_norm):
   # The instance-discrimination normaliser (shifted by the largest similarity) and its written-out gradient equal
   # autodiff's plain logsumexp, for the loss's unit-norm features and for others.
   x = jax.random.normal(jax.random.key(0), (2, 7, 5))

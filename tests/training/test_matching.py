@@ -36,6 +36,7 @@ def _matrix(rng: np.random.Generator, n: int, m: int, kind: str) -> np.ndarray:
   return cost
 
 
+@pytest.mark.slow
 def test_matches_scipy_on_random_matrices():
   rng = np.random.default_rng(1234)
   solve = jax.vmap(linear_sum_assignment)
