@@ -70,6 +70,10 @@ def _leaf_name(path) -> str:
   return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
+def _by_name(tree) -> dict[str, Any]:
+  return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _stored(leaf) -> tuple[tuple[int, ...], str]:
   """A leaf's shape and dtype as a checkpoint stores it (a PRNG key as its key data)."""
   if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -178,8 +182,12 @@ class Checkpointer:
             f"{mismatch}. It was written by a run with another model or config; use that run's own config (leave "
             "out --config to take the workdir's config.json), or pass another --workdir to start afresh. Nothing "
             "was moved or deleted.")
+      # Restored in the checkpoint's own tree and matched to the target by array name: containers without arrays
+      # (e.g. an optimizer's empty states) may differ between the code that saved and the code that restores.
+      target = _by_name(abstract_state)
+      in_saved_tree = jax.tree_util.tree_map_with_path(lambda path, _: target[_leaf_name(path)], saved)
       items = {"state": ocp.args.PyTreeRestore(
-          abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+          in_saved_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(in_saved_tree))}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
@@ -187,7 +195,9 @@ class Checkpointer:
       except Exception as e:  # Its metadata fits, so a failure here is a truncated or corrupted array file.
         self._skip(step, "its arrays do not read back", e)
         continue
-      return restored["state"], step
+      arrays = _by_name(restored["state"])
+      paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+      return jax.tree_util.tree_unflatten(treedef, [arrays[_leaf_name(path)] for path, _ in paths]), step
     return None
 
   def _skip(self, step: int, why: str, error: Exception) -> None:

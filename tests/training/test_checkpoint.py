@@ -12,6 +12,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -163,6 +164,32 @@ def test_a_checkpoint_of_another_model_is_an_error_and_stays_in_place(tmp_path):
     ckpt.restore_latest(_abstract(other), None)
   ckpt.close()
   assert sorted(os.listdir(directory)) == before
+
+
+def test_containers_without_arrays_may_change_between_saving_and_restoring(tmp_path):
+  """An optimizer state whose empty parts are wrapped differently by the restoring code (a custom scale where the
+  saving code had one, `optax.masked` now) restores by array name; it is neither refused nor set aside."""
+  mesh = sharding.make_mesh(-1, 1)
+  params = _state(mesh)["params"]
+
+  def custom_scale(factor):
+    return optax.GradientTransformation(lambda p: optax.EmptyState(),
+                                        lambda u, s, p=None: (jax.tree.map(lambda x: x * factor, u), s))
+
+  saved_tx = optax.chain(optax.scale_by_adam(), custom_scale(0.1))
+  restoring_tx = optax.chain(optax.scale_by_adam(), optax.masked(optax.scale(0.1), lambda p: jax.tree.map(lambda _: True, p)))
+  saved = {"params": params, "opt_state": saved_tx.init(params)}
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=2)
+  ckpt.save(1, saved, None)
+  ckpt.close()
+  target = _abstract({"params": params, "opt_state": restoring_tx.init(params)})
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=2)
+  state, step = ckpt.restore_latest(target, None)
+  ckpt.close()
+  assert step == 1 and jax.tree.structure(state) == jax.tree.structure(target)
+  _assert_trees_equal(state["params"], params)
+  _assert_trees_equal(state["opt_state"][0], saved["opt_state"][0])
+  assert os.listdir(tmp_path / "c") == ["1"]
 
 
 def test_a_reader_skips_a_corrupt_step_but_changes_nothing_on_disk(tmp_path):
