@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from panoptic_jax.data import dataset_format as fmt  # noqa: E402
-from panoptic_jax.data import pipeline, synthetic, transforms  # noqa: E402
+from panoptic_jax.data import pipeline, resampling, synthetic, transforms  # noqa: E402
 from panoptic_jax.data.dataset import Dataset  # noqa: E402
 from panoptic_jax.data.source import PanopticSource  # noqa: E402
 
@@ -160,7 +160,7 @@ def main() -> None:
   configs = [("in-process (workers 0, threads 0)", base), ("in-process, 2 read threads", threaded)]
   if args.workers:
     configs.append((f"{args.workers} worker processes", workers))
-  available = ["pil"] + (["cv2"] if transforms._cv2() is not None else [])  # pylint: disable=protected-access
+  available = ["pil"] + (["cv2"] if resampling._cv2() is not None else [])  # pylint: disable=protected-access
 
   server = None
   datasets = [("local", local)]

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from panoptic_jax.data import resampling
 from panoptic_jax.data import transforms as T
 
 VOID = T.VOID
@@ -146,7 +147,7 @@ def test_random_geometry_keeps_labels_aligned_with_pixels(backend):
   """Colour encodes the label: wherever a pixel's label neighbourhood is uniform, its colour must be that label's."""
   pan = np.kron(_scene(24, 32), np.ones((2, 2), np.int32))  # 48x64 with 2-pixel blocks
   image, lut = _colour_of(pan)
-  if backend == "cv2" and T._cv2() is None:
+  if backend == "cv2" and resampling._cv2() is None:
     pytest.skip("OpenCV not installed")
   config = _no_photometric(crop_size=(33, 41), min_scale=0.6, max_scale=2.0, backend=backend)
   for seed in range(12):
@@ -173,7 +174,7 @@ def test_train_geometry_scales_and_crops():
   assert set(np.unique(out_pan)) <= set(np.unique(pan))
 
 
-BACKENDS = ["pil"] + (["cv2"] if T._cv2() is not None else [])
+BACKENDS = ["pil"] + (["cv2"] if resampling._cv2() is not None else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -184,12 +185,12 @@ def test_recolour_before_or_after_resize_agree(backend):
   pan = np.zeros((40, 60), np.int32)
   identity = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
   for scale, origin in ((2.0, (5, 10)), (1.5, (0, 0)), (3.0, (20, 40)), (0.7, (0, 0))):
-    with_matrix, _ = T._scale_crop(image, pan, scale, origin, (33, 41), False, 128, identity, backend)
-    without, _ = T._scale_crop(image, pan, scale, origin, (33, 41), False, 128, None, backend)
+    with_matrix, _ = resampling.scale_crop(image, pan, scale, origin, (33, 41), False, 128, identity, backend)
+    without, _ = resampling.scale_crop(image, pan, scale, origin, (33, 41), False, 128, None, backend)
     np.testing.assert_array_equal(with_matrix, without)
 
 
-@pytest.mark.skipif(T._cv2() is None, reason="OpenCV not installed")
+@pytest.mark.skipif(resampling._cv2() is None, reason="OpenCV not installed")
 def test_backends_agree():
   pan = np.kron(_scene(24, 32), np.ones((2, 2), np.int32))
   image, _ = _colour_of(pan)
