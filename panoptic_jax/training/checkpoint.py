@@ -64,6 +64,10 @@ class CheckpointMismatchError(UserError, ValueError):
   """A complete checkpoint whose arrays do not fit the state being restored (another model or config)."""
 
 
+class CheckpointNotFoundError(UserError, LookupError):
+  """No checkpoint at the step asked for."""
+
+
 def _leaf_name(path) -> str:
   """`params.backbone.stem.conv.kernel` for a tree path (dict keys, indices and attributes alike)."""
   names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
@@ -151,22 +155,32 @@ class Checkpointer:
           "train.keep_checkpoints) and rerun the same command: the run resumes from the newest complete checkpoint"
       ) from e
 
-  def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None
-                     ) -> tuple[Any, int] | None:
-    """Restores the newest checkpoint that reads back whole; older ones are tried in turn.
+  def restore(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None, step: int | None = None
+              ) -> tuple[Any, int] | None:
+    """Restores the newest checkpoint that reads back whole (older ones are tried in turn), or the one at `step`.
 
     Args:
-      abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with the target shardings.
+      abstract_state: the state's structure as `jax.ShapeDtypeStruct`s with the target shardings. It may hold only
+        some of the saved state's top-level entries (e.g. "params" and "model_state" for inference): only those are
+        read.
       data_iterator: restored in place when given.
+      step: restore this step only (None: the newest readable one).
 
     Returns:
-      (state, step), or None when the directory holds no readable checkpoint.
+      (state, step), or None when the directory holds no readable checkpoint (or `step` does not read back).
 
     Raises:
       CheckpointMismatchError: a complete checkpoint does not fit `abstract_state`; nothing is moved.
+      CheckpointNotFoundError: there is no checkpoint at `step`.
     """
     self._manager.wait_until_finished()  # A save of this process still in flight is read back whole.
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if step is not None:
+      if step not in steps:
+        raise CheckpointNotFoundError(f"no checkpoint at step {step} in {self._manager.directory}; it holds steps "
+                                      f"{sorted(steps) or 'none'}")
+      steps = [step]
+    for step in steps:
       try:
         saved = self._manager.item_metadata(step)["state"]
         saved = getattr(saved, "tree", saved)
@@ -175,6 +189,9 @@ class Checkpointer:
       except Exception as e:  # Orbax raises many types for missing or truncated metadata.
         self._skip(step, "its metadata does not read back", e)
         continue
+      partial = isinstance(saved, dict) and isinstance(abstract_state, dict) and saved.keys() > abstract_state.keys()
+      if partial:
+        saved = {k: v for k, v in saved.items() if k in abstract_state}
       mismatch = first_mismatch(saved, abstract_state)
       if mismatch is not None:
         raise CheckpointMismatchError(
@@ -187,7 +204,8 @@ class Checkpointer:
       target = _by_name(abstract_state)
       in_saved_tree = jax.tree_util.tree_map_with_path(lambda path, _: target[_leaf_name(path)], saved)
       items = {"state": ocp.args.PyTreeRestore(
-          in_saved_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(in_saved_tree))}
+          in_saved_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(in_saved_tree),
+          partial_restore=partial)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:

@@ -220,7 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
     if train_dataset is not None and jax.process_index() == 0:
       info = train_dataset.info
       wd.write_run(config, train_location=locations[0], val_location=locations[1],
-                   categories=list(info.categories), is_thing=list(info.is_thing))
+                   categories=list(info.categories), is_thing=list(info.is_thing),
+                   colors=[list(c) if c is not None else None for c in info.colors],
+                   label_divisor=info.label_divisor)
     return _run(config, wd, mode, train_dataset, val_dataset)
 
 
@@ -243,7 +245,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
   checkpointer = checkpoint.Checkpointer(str(wd.checkpoints), config.train.checkpoint_every,
                                          config.train.keep_checkpoints, writer=mode != "eval")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-  restored = checkpointer.restore_latest(abstract, train_iter)
+  restored = checkpointer.restore(abstract, train_iter)
   if restored is not None:
     state, restored_step = restored
     logging.info("%s the checkpoint at step %d in %s", "Evaluating" if mode == "eval" else "Resumed from",

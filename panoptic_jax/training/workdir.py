@@ -87,7 +87,8 @@ class Workdir:
     return sorted(int(p.name) for p in self.checkpoints.iterdir() if p.name.isdigit() and p.is_dir())
 
   def read_run(self) -> dict[str, Any] | None:
-    """The run record of `config.json` (`config`, `train_location`, `val_location`, `categories`, `is_thing`), or
+    """The run record of `config.json` (`config`, `train_location`, `val_location`, `categories`, `is_thing`,
+    `colors`, `label_divisor`; runs of earlier versions lack the last two), or
     None when the workdir has none."""
     path = self.path / CONFIG
     if not path.exists():

@@ -59,7 +59,7 @@ def test_saves_every_n_steps_keeps_k_and_restores_the_newest_with_the_iterator(t
 
   fresh = _iterator()
   restored = checkpoint.Checkpointer(str(directory), every=2, keep=2)
-  state, step = restored.restore_latest(_abstract(_state(mesh)), fresh)
+  state, step = restored.restore(_abstract(_state(mesh)), fresh)
   restored.close()
   assert step == 6
   _assert_trees_equal(state, saved_states[6])
@@ -73,7 +73,7 @@ def test_saves_every_n_steps_keeps_k_and_restores_the_newest_with_the_iterator(t
 def test_an_empty_directory_restores_nothing_and_every_zero_saves_only_on_demand(tmp_path):
   mesh = sharding.make_mesh(-1, 1)
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), every=0, keep=3)
-  assert ckpt.restore_latest(_abstract(_state(mesh)), None) is None
+  assert ckpt.restore(_abstract(_state(mesh)), None) is None
   assert not ckpt.save(5, _state(mesh), None)
   assert ckpt.save(5, _state(mesh), None, force=True)
   ckpt.close()
@@ -89,7 +89,7 @@ def test_restore_onto_another_mesh_reshards(tmp_path):
 
   mesh_4x2 = sharding.make_mesh(4, 2)
   target = _abstract(_state(mesh_4x2))
-  state, step = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=1).restore_latest(target, None)
+  state, step = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=1).restore(target, None)
   assert step == 1
   _assert_trees_equal(state, saved)
   assert state["params"]["w"].sharding == target["params"]["w"].sharding
@@ -113,7 +113,7 @@ def test_a_partial_save_is_ignored(tmp_path):
   # What a kill during an async save leaves behind: the step's files under Orbax's temporary name.
   shutil.copytree(directory / "2", directory / "3.orbax-checkpoint-tmp")
   ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
-  state, step = ckpt.restore_latest(_abstract(_state(mesh)), None)
+  state, step = ckpt.restore(_abstract(_state(mesh)), None)
   ckpt.close()
   assert step == 2
   _assert_trees_equal(state, states[2])
@@ -134,7 +134,7 @@ def test_a_corrupted_latest_step_is_skipped_with_a_warning(tmp_path, caplog, dam
       path.unlink()
   ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
   with caplog.at_level(logging.WARNING):
-    state, step = ckpt.restore_latest(_abstract(_state(mesh)), None)
+    state, step = ckpt.restore(_abstract(_state(mesh)), None)
   ckpt.close()
   assert step == 1
   _assert_trees_equal(state, states[1])
@@ -143,7 +143,7 @@ def test_a_corrupted_latest_step_is_skipped_with_a_warning(tmp_path, caplog, dam
   assert [p.name.startswith("2.corrupt-") for p in directory.iterdir() if not p.name.isdigit()] == [True]
   ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
   assert ckpt.save(2, states[2], None)
-  state, step = ckpt.restore_latest(_abstract(_state(mesh)), None)
+  state, step = ckpt.restore(_abstract(_state(mesh)), None)
   ckpt.close()
   assert step == 2
   _assert_trees_equal(state, states[2])
@@ -161,7 +161,7 @@ def test_a_checkpoint_of_another_model_is_an_error_and_stays_in_place(tmp_path):
   ckpt = checkpoint.Checkpointer(str(directory), every=1, keep=10)
   with pytest.raises(checkpoint.CheckpointMismatchError, match=r"step 2 .* params\.w is \(16, 4\) float32 in the "
                      r"checkpoint and \(16, 8\) float32 in the model.*Nothing was moved"):
-    ckpt.restore_latest(_abstract(other), None)
+    ckpt.restore(_abstract(other), None)
   ckpt.close()
   assert sorted(os.listdir(directory)) == before
 
@@ -184,7 +184,7 @@ def test_containers_without_arrays_may_change_between_saving_and_restoring(tmp_p
   ckpt.close()
   target = _abstract({"params": params, "opt_state": restoring_tx.init(params)})
   ckpt = checkpoint.Checkpointer(str(tmp_path / "c"), every=1, keep=2)
-  state, step = ckpt.restore_latest(target, None)
+  state, step = ckpt.restore(target, None)
   ckpt.close()
   assert step == 1 and jax.tree.structure(state) == jax.tree.structure(target)
   _assert_trees_equal(state["params"], params)
@@ -204,7 +204,7 @@ def test_a_reader_skips_a_corrupt_step_but_changes_nothing_on_disk(tmp_path):
   shutil.copytree(directory / "1", directory / "3.orbax-checkpoint-tmp")
   before = sorted(os.listdir(directory))
   reader = checkpoint.Checkpointer(str(directory), every=1, keep=10, writer=False)
-  state, step = reader.restore_latest(_abstract(_state(mesh)), None)
+  state, step = reader.restore(_abstract(_state(mesh)), None)
   reader.close()
   assert step == 1
   _assert_trees_equal(state, states[1])
