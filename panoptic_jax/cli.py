@@ -13,7 +13,9 @@ shows the traceback too. Any other exception is a bug: it keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import pathlib
 import re
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -114,3 +116,27 @@ def run_absl(main: Callable[[list[str]], int | None], *, argv_hook: Callable[[li
     sys.exit(_fail(message))
 
   app.run(lambda argv: _call(lambda: main(argv), verbose), argv=argv, flags_parser=parse)
+
+
+COMPILATION_CACHE = "~/.cache/panoptic_jax/jax_compilation"
+
+
+def initialise_jax(coordinator_address: str | None = None, num_processes: int | None = None,
+                   process_id: int | None = None, multihost: bool = False,
+                   compilation_cache: str = COMPILATION_CACHE) -> None:
+  """Joins the other processes of a multi-process run (explicitly, or detected with `multihost` on TPU VMs and
+  SLURM) and turns on the persistent compilation cache ('' leaves it off). JAX is imported here, after the launch
+  scripts' flags (XLA_FLAGS) have been set."""
+  import jax
+
+  if coordinator_address:
+    # Cross-process collectives between CPU devices (local multi-process runs); no effect on GPU / TPU.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif multihost:
+    jax.distributed.initialize()
+  if compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(compilation_cache).expanduser()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())

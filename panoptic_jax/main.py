@@ -30,7 +30,7 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Initialise jax.distributed f
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-_CACHE_DIR = flags.DEFINE_string("compilation_cache", "~/.cache/panoptic_jax/jax_compilation",
+_CACHE_DIR = flags.DEFINE_string("compilation_cache", cli.COMPILATION_CACHE,
                                  "Persistent XLA compilation cache ('' disables it).")
 
 # Loads a workdir's own config (the `path:argument` form of --config passes the workdir to its get_config).
@@ -56,22 +56,6 @@ def with_workdir_config(argv: list[str]) -> list[str]:
   return argv[:1] + [f"--config={_WORKDIR_CONFIG}:{workdir}"] + argv[1:]
 
 
-def _initialise_jax() -> None:
-  import jax  # Imported here so that flags such as XLA_FLAGS set by launch scripts apply first.
-
-  if _COORDINATOR.value:
-    # Cross-process collectives between CPU devices (local multi-process runs); no effect on GPU / TPU.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _MULTIHOST.value:
-    jax.distributed.initialize()
-  if _CACHE_DIR.value:
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_CACHE_DIR.value).expanduser()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
-
-
 class _QuietLibraries:
   """Keeps Orbax's per-save INFO chatter off the console (its warnings and errors still show)."""
 
@@ -91,7 +75,8 @@ def main(argv) -> None:
                          "--config=configs/demo.py")
   config_lib.validate(config, needs_train_data=_MODE.value != "eval")  # Before anything compiles or reads data.
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  _initialise_jax()
+  cli.initialise_jax(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value,
+                     _CACHE_DIR.value)
   train.run(config, _WORKDIR.value, _MODE.value)
 
 

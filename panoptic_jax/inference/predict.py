@@ -1,6 +1,7 @@
 """The model's forward pass and the mask-wise merge, as one pure function: images -> panoptic maps and segment scores.
 
-The in-loop evaluation and the prediction command share it, so that the same image gets the same map in both.
+The in-loop evaluation, the prediction command (`trained_model.TrainedModel.forward`) and the export share it, so
+that the same image gets the same map in all three; `predictor.to_original` takes a map back to the image's size.
 """
 
 from __future__ import annotations
@@ -35,14 +36,3 @@ def predict(graph: nnx.GraphDef, params: nnx.State, model_state: nnx.State, imag
                                    config, label_divisor)
   return {k: merged[k] for k in OUTPUT_KEYS}
 
-
-def segment_scores(prediction: dict, label_divisor: int) -> dict[int, float]:
-  """Canonical value -> score of each pasted segment of one image (AP ranks the thing segments by it).
-
-  Args:
-    prediction: one image's `predict` outputs as numpy arrays (`[N]` per-slot entries).
-    label_divisor: of the canonical map.
-  """
-  valid = prediction["segment_valid"]
-  values = prediction["segment_category"][valid] * label_divisor + prediction["segment_instance"][valid]
-  return dict(zip(values.tolist(), prediction["segment_score"][valid].tolist()))

@@ -18,9 +18,8 @@ from jax.experimental import multihost_utils
 from panoptic_jax import visualize
 from panoptic_jax.data import pipeline
 from panoptic_jax.data.dataset import Dataset
-from panoptic_jax.data.dataset_format import resize_nearest
 from panoptic_jax.evaluation.evaluator import Evaluator, format_table
-from panoptic_jax.inference import postprocess, predict
+from panoptic_jax.inference import postprocess, predict, predictor
 from panoptic_jax.training import sharding
 
 
@@ -69,12 +68,10 @@ class ModelEvaluator:
           if self._max_images and seen >= self._max_images:
             break
           index = int(meta["index"][i])
-          (ch, cw), original_hw = meta["content_hw"][i], tuple(meta["original_hw"][i])
-          prediction = resize_nearest(preds["panoptic"][i, :ch, :cw], original_hw)
+          prediction, scores = predictor.to_original({k: v[i] for k, v in preds.items()}, meta["content_hw"][i],
+                                                     meta["original_hw"][i], info.label_divisor)
           ground_truth = self._dataset.read_panoptic(index)
-          pred_i = {k: v[i] for k, v in preds.items()}
-          evaluator.add(ground_truth, prediction, scores=predict.segment_scores(pred_i, info.label_divisor),
-                        name=self._dataset.examples[index].name)
+          evaluator.add(ground_truth, prediction, scores=scores, name=self._dataset.examples[index].name)
           seen += 1
           if pictures < self._num_pictures and jax.process_index() == 0:
             self._save_picture(step, index, ground_truth, prediction)
