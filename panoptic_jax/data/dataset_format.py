@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import tifffile
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 from panoptic_jax.errors import UserError
 
@@ -372,13 +372,51 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
 # Images
 
 
-def decode_image(data: bytes, where: str = "image") -> np.ndarray:
-  """Decodes an image file (JPEG, PNG, ...) into uint8 [H, W, 3] RGB."""
+def decode_image(data: bytes, where: str = "image", apply_exif: bool = False) -> np.ndarray:
+  """Decodes an image file (JPEG, PNG, BMP, WebP, ...; any mode) into uint8 [H, W, 3] RGB.
+
+  - 8-bit RGB: the stored values.
+  - 16-bit samples are scaled by the full range, never clipped: gray (modes I;16, I;16B, ..., and I, which Pillow
+    uses for 16-bit samples too) becomes round(v / 257), so 65535 -> 255 and 32896 -> 128. 16-bit colour PNGs
+    (RGB, RGBA, gray + alpha) Pillow itself reduces to the high byte v >> 8 while decoding, which differs from
+    round(v / 257) by at most one level; there is no 16-bit RGB mode in Pillow to do better from.
+  - Grayscale (1, L, LA, I;16): the gray value in all three channels.
+  - Alpha (RGBA, LA, PA, P with a transparent index) is dropped: the model sees the colour channels as stored. No
+    background is composited in, since any background colour would be invented for the transparent pixels.
+  - Palette (P), CMYK, YCbCr: converted to RGB by Pillow.
+
+  Args:
+    data: the file's bytes.
+    where: the file's name for error messages.
+    apply_exif: turn the image as its EXIF orientation tag says, as image viewers show it (width and height swap for
+      orientations 5-8). The prediction command does so for plain image files and folders. A dataset in the project's
+      format keeps the stored pixel grid (training and evaluation never apply it), because its annotations refer to
+      that grid.
+
+  Returns:
+    uint8 [H, W, 3], H x W after the EXIF turn when `apply_exif`.
+
+  Raises:
+    FormatError: naming the file, when Pillow cannot decode it (not an image, corrupt, truncated).
+  """
   try:
     with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert("RGB"))
+      if apply_exif:
+        ImageOps.exif_transpose(image, in_place=True)
+      return _rgb_array(image)
   except Exception as e:  # Pillow raises several types for corrupt input.
     raise FormatError(f"{where}: cannot decode as an image: {type(e).__name__}: {e}") from None
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+  """uint8 [H, W, 3] of a decoded image of any mode (see `decode_image`)."""
+  if image.mode.startswith("I"):  # Pillow's convert("RGB") would clip these 16-bit samples at 255.
+    samples = np.clip(np.asarray(image).astype(np.int32), 0, 65535)  # A no-op for I;16; bounds 32-bit I.
+    gray = ((samples + 128) // 257).astype(np.uint8)  # round(v / 257): 257 is odd, so there are no ties.
+    return np.repeat(gray[..., None], 3, axis=-1)
+  if image.mode in ("P", "PA"):
+    image = image.convert("RGBA")  # Pillow converts a palette with transparency given per entry only to RGBA.
+  return np.asarray(image.convert("RGB"))
 
 
 def encode_image(image: np.ndarray, ext: str = ".jpg", quality: int = 92) -> bytes:

@@ -107,6 +107,10 @@ class Storage:
     """
     raise NotImplementedError
 
+  def list_folders(self, relpath: str = "") -> list[str]:
+    """Names of the folders directly inside the folder `relpath`, sorted; empty when it does not exist."""
+    raise NotImplementedError
+
   def describe(self) -> str:
     """The location for messages, e.g. 's3://bucket/prefix at http://127.0.0.1:9000'; never credentials."""
     raise NotImplementedError
@@ -192,10 +196,16 @@ class LocalStorage(Storage):
     return self._path(relpath).is_file()
 
   def list_files(self, relpath: str = "") -> list[str]:
+    return self._list(relpath, folders=False)
+
+  def list_folders(self, relpath: str = "") -> list[str]:
+    return self._list(relpath, folders=True)
+
+  def _list(self, relpath: str, folders: bool) -> list[str]:
     folder = self._path(relpath)
     try:
       with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_file())
+        return sorted(e.name for e in entries if (e.is_dir() if folders else e.is_file()))
     except FileNotFoundError:
       return []
     except OSError as e:
@@ -571,6 +581,13 @@ class S3Storage(Storage):
       raise self._error("look up", relpath, e, "a reachable bucket") from None
 
   def list_files(self, relpath: str = "") -> list[str]:
+    return self._list(relpath, "file")
+
+  def list_folders(self, relpath: str = "") -> list[str]:
+    return self._list(relpath, "directory")
+
+  def _list(self, relpath: str, entry_type: str) -> list[str]:
+    """Names of the entries of s3fs type `entry_type` ("file" or "directory", a common prefix) inside `relpath`."""
     key = self._key(relpath)
     folder = f"{self.bucket}/{key}".rstrip("/")
     budget_s = retry_budget()
@@ -585,7 +602,7 @@ class S3Storage(Storage):
       raise self._error("list", relpath, e, "a listable bucket") from None
     names = []
     for entry in entries:
-      if entry.get("type") != "file":
+      if entry.get("type") != entry_type:
         continue
       name = entry["name"].rstrip("/")
       if name == folder:  # A zero-byte "folder marker" object.

@@ -2,10 +2,14 @@
 
 import io
 import logging
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
 
@@ -264,3 +268,98 @@ def test_image_codec_round_trip():
   np.testing.assert_array_equal(fmt.decode_image(fmt.encode_image(image, ".png")), image)
   with pytest.raises(fmt.FormatError, match="img.jpg: cannot decode as an image"):
     fmt.decode_image(b"garbage", where="img.jpg")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images of any mode
+
+_FULL_RANGE = np.array([[0, 255, 32896, 65280, 65535]], np.uint16)  # round(v / 257): 0, 1, 128, 254, 255.
+
+
+def _png16(samples: np.ndarray) -> bytes:
+  """A 16-bit PNG of uint16 [H, W] (gray) or [H, W, 3] (RGB), written by hand: Pillow cannot write 16-bit RGB."""
+  h, w = samples.shape[:2]
+  color_type = 2 if samples.ndim == 3 else 0
+  rows = samples.astype(">u2").reshape(h, -1).view(np.uint8)
+  raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # Filter type 0 (none) per row.
+
+  def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+  header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+  return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def _encoded(image: Image.Image, format_: str = "PNG", **options) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format_, **options)
+  return buffer.getvalue()
+
+
+def test_16_bit_gray_png_keeps_the_full_range():
+  for data in (_png16(_FULL_RANGE), _encoded(Image.fromarray(_FULL_RANGE))):  # Hand-written and Pillow's own.
+    with Image.open(io.BytesIO(data)) as image:
+      assert image.mode.startswith("I;16")
+    decoded = fmt.decode_image(data)
+    assert decoded.shape == (1, 5, 3) and decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded[0], np.repeat([[0], [1], [128], [254], [255]], 3, axis=1))
+
+
+def test_16_bit_rgb_png_keeps_the_full_range():
+  """Pillow decodes 16-bit colour to the high byte: 65535 -> 255 and 32896 -> 128 as by the gray scaling."""
+  samples = np.stack([_FULL_RANGE, _FULL_RANGE[:, ::-1], np.full_like(_FULL_RANGE, 32896)], axis=-1)
+  decoded = fmt.decode_image(_png16(samples))
+  assert decoded.shape == (1, 5, 3)
+  np.testing.assert_array_equal(decoded[0, [0, 2, 4]], [[0, 255, 128], [128, 128, 128], [255, 0, 128]])
+  np.testing.assert_array_less(np.abs(decoded.astype(int) - (samples.astype(int) + 128) // 257), 2)
+
+
+def test_32_bit_gray_is_read_as_16_bit_samples():
+  data = _encoded(Image.fromarray(np.array([[0, 32896, 65535]], np.int32)), "TIFF")
+  with Image.open(io.BytesIO(data)) as image:
+    assert image.mode == "I"
+  np.testing.assert_array_equal(fmt.decode_image(data)[0, :, 0], [0, 128, 255])
+
+
+@pytest.mark.parametrize("mode, value, rgb", [
+    ("L", 77, (77, 77, 77)),
+    ("1", 1, (255, 255, 255)),
+    ("LA", (77, 0), (77, 77, 77)),                   # Alpha dropped: the stored gray, not a background.
+    ("RGBA", (10, 20, 30, 0), (10, 20, 30)),         # Fully transparent: still the stored colour.
+    ("CMYK", (0, 255, 255, 0), (255, 0, 0)),
+])
+def test_modes_become_rgb(mode, value, rgb):
+  data = _encoded(Image.new(mode, (4, 3), value), "JPEG" if mode == "CMYK" else "PNG")
+  decoded = fmt.decode_image(data)
+  assert decoded.shape == (3, 4, 3) and decoded.dtype == np.uint8
+  np.testing.assert_array_equal(decoded[1, 2], rgb)
+
+
+@pytest.mark.parametrize("transparency", [None, 1, b"\x00\x80"])
+def test_palette_with_and_without_transparency(transparency):
+  image = Image.fromarray(np.array([[0, 1], [2, 1]], np.uint8), mode="P")
+  image.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255])
+  if transparency is not None:
+    image.info["transparency"] = transparency
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # Pillow warns when a palette with per-entry alpha is converted to RGB directly.
+    decoded = fmt.decode_image(_encoded(image))
+  np.testing.assert_array_equal(decoded, [[[255, 0, 0], [0, 255, 0]], [[0, 0, 255], [0, 255, 0]]])
+
+
+def test_exif_orientation_is_applied_only_when_asked():
+  image = np.zeros((4, 8, 3), np.uint8)
+  image[:, :4] = 255  # Left half white: after a 90 degree clockwise turn (orientation 6) the top half is.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  data = _encoded(Image.fromarray(image), "JPEG", exif=exif, quality=95)
+  stored = fmt.decode_image(data)
+  assert stored.shape == (4, 8, 3) and stored[2, 1, 0] > 200 and stored[2, 6, 0] < 50
+  turned = fmt.decode_image(data, apply_exif=True)
+  assert turned.shape == (8, 4, 3) and turned[1, 2, 0] > 200 and turned[6, 2, 0] < 50
+
+
+def test_truncated_jpeg_names_the_file():
+  data = _encoded(Image.fromarray(np.full((32, 32, 3), 99, np.uint8)), "JPEG")
+  with pytest.raises(fmt.FormatError, match=r"^photos/cut\.jpg: cannot decode as an image: OSError"):
+    fmt.decode_image(data[: len(data) // 2], where="photos/cut.jpg")

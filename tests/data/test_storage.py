@@ -40,6 +40,8 @@ def _check_round_trip(storage):
   assert storage.list_files("images/sub") == ["c.jpg"]
   assert storage.list_files("") == ["metadata.yaml"]
   assert storage.list_files("nothing_here") == []
+  assert storage.list_folders("images") == ["sub"] and storage.list_folders() == ["images", "panoptic_maps"]
+  assert storage.list_folders("images/sub") == [] and storage.list_folders("nothing_here") == []
   assert storage.exists("metadata.yaml") and storage.exists("images/sub/c.jpg")
   assert not storage.exists("images/zzz.jpg")
   storage.write_bytes("images/a.jpg", b"A2")  # Overwrite.
@@ -252,7 +254,9 @@ def test_s3_folder_marker_is_not_a_file(s3_root, s3_server):
   fs = s3_server.filesystem()
   fs.pipe_file(f"{s3_root}/p/images/", b"")  # Some tools create zero-byte "folder" objects.
   fs.pipe_file(f"{s3_root}/p/images/a.jpg", b"A")
-  assert open_storage(f"s3://{s3_root}/p").list_files("images") == ["a.jpg"]
+  storage = open_storage(f"s3://{s3_root}/p")
+  assert storage.list_files("images") == ["a.jpg"] and storage.list_folders() == ["images"]
+  assert storage.list_folders("images") == []
 
 
 def _assert_names_location(message, s3_server, root):
