@@ -59,17 +59,32 @@ def flat_weights(model: TrainedModel) -> dict[str, np.ndarray]:
   return dict(zip(names, (np.asarray(x) for x in jax.device_get(leaves))))
 
 
-def exported_function(model: TrainedModel):
-  """(weights by name, images uint8 [B, h, w, 3]) -> predict.predict's outputs (weights as `flat_weights` names)."""
-  names, _, treedef = _weights_tree(model)
+def exported_function(model: TrainedModel, names: Sequence[str] | None = None):
+  """(weights by name, images uint8 [B, h, w, 3]) -> predict.predict's outputs (weights as `flat_weights` names).
+
+  `names`: the weights the function takes (default all); any other is a zero constant, for weights that inference
+  does not read (the auxiliary semantic head's, the dropout streams').
+  """
+  all_names, leaves, treedef = _weights_tree(model)
+  names = set(all_names if names is None else names)
   is_thing = np.asarray(model.info.is_thing, bool)
 
   def fn(weights: dict[str, jax.Array], images: jax.Array) -> dict[str, jax.Array]:
-    state = jax.tree_util.tree_unflatten(treedef, [weights[n] for n in names])
+    state = jax.tree_util.tree_unflatten(treedef, [weights[n] if n in names else jnp.zeros(x.shape, x.dtype)
+                                                   for n, x in zip(all_names, leaves)])
     return predict.predict(model.graph, state["params"], state["model_state"], images, jnp.asarray(is_thing),
                            model.spec.postprocess, model.info.label_divisor)
 
   return fn
+
+
+def used_weights(model: TrainedModel, weights: dict[str, np.ndarray]) -> list[str]:
+  """The names of the weights that inference reads (traced once with a batch of one)."""
+  h, w = model.spec.crop_size
+  specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+  jaxpr = jax.make_jaxpr(exported_function(model))(specs, jax.ShapeDtypeStruct((1, h, w, 3), jnp.uint8)).jaxpr
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars} | {id(v) for v in jaxpr.outvars}
+  return [name for name, var in zip(sorted(weights), jaxpr.invars) if id(var) in read]
 
 
 def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, dtype: str = "float32"
@@ -86,12 +101,14 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
   if unknown or not platforms:
     raise ValueError(f"--platforms: expected some of {', '.join(PLATFORMS)}, found {', '.join(platforms) or 'none'}")
   weights = flat_weights(model)
+  weights = {name: weights[name] for name in used_weights(model, weights)}
   weight_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
   (batch,) = jax.export.symbolic_shape("b")
   h, w = model.spec.crop_size
   images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8)
   start = time.perf_counter()
-  exported = jax.export.export(jax.jit(exported_function(model)), platforms=tuple(platforms))(weight_specs, images)
+  exported = jax.export.export(jax.jit(exported_function(model, list(weights))), platforms=tuple(platforms))(
+      weight_specs, images)
   seconds = time.perf_counter() - start
 
   folder = pathlib.Path(out)

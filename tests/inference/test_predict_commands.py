@@ -1,0 +1,160 @@
+"""The prediction and export commands end to end, on the tiny model the training tests train (6 steps, once per
+session): predictions score exactly as `--mode=eval`, an exported artifact runs without flax and writes the same
+outputs, and bad inputs give one clear error each."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from panoptic_jax import predict as predict_command
+from panoptic_jax.data.dataset import Dataset
+from panoptic_jax.evaluation import evaluator as evaluator_lib
+from panoptic_jax.inference import export, images, serving, trained_model
+from panoptic_jax.inference.predictor import Predictor
+from panoptic_jax.training import workdir as workdir_lib
+from tests.training import train_helpers as th
+
+pytestmark = pytest.mark.slow
+
+
+def _trained() -> pathlib.Path:
+  return th.mesh_8x1_run()[0]
+
+
+def _predicted(name: str, *flags: str) -> pathlib.Path:
+  """OUT of `predict` over the tiny validation set (once per session and flags)."""
+  def compute():
+    out = th.session_dir() / f"predicted_{name}"
+    status = predict_command.main(["--workdir", str(_trained()), "--images", str(th.tiny_dataset() / "val"),
+                                   "--out", str(out), "--batch_size", "8", *flags])
+    assert status == 0
+    return out
+  return th.memo(f"predicted_{name}", compute)
+
+
+def _exported() -> pathlib.Path:
+  def compute():
+    out = th.session_dir() / "exported"
+    export.export(trained_model.load(str(_trained())), str(out), platforms=("cpu", "cuda", "tpu"))
+    return out
+  return th.memo("exported", compute)
+
+
+def _maps(location: pathlib.Path) -> dict[str, np.ndarray]:
+  dataset = Dataset.open(location, require_images=False)
+  return {name: dataset.read_panoptic(i) for i, name in enumerate(dataset.names)}
+
+
+def test_predictions_score_exactly_as_the_evaluation_of_the_same_checkpoint():
+  workdir = th.session_dir() / "eval_all"
+  shutil.copytree(_trained() / "checkpoints", workdir / "checkpoints")
+  shutil.copy(_trained() / "config.json", workdir / "config.json")
+  in_loop = th.run_in_process(workdir, "eval", eval__max_images=0)["result"]
+  gt = evaluator_lib.open_dataset_side(str(th.tiny_dataset() / "val"))
+  pred = evaluator_lib.open_dataset_side(str(_predicted("plain")))
+  result = evaluator_lib.evaluate_sides(gt, pred, progress=False)
+  for group in ("All", "Things", "Stuff"):
+    for metric in ("pq", "sq", "rq"):
+      assert result["panoptic"][group][metric] == pytest.approx(in_loop["panoptic"][group][metric], abs=1e-9)
+  assert result["semantic"]["mIoU"] == pytest.approx(in_loop["semantic"]["mIoU"], abs=1e-9)
+  assert result["instance"]["computed"], result["instance"]
+
+
+def test_the_output_is_a_dataset_at_each_images_own_size_with_scores_beside_the_maps():
+  out = _predicted("plain")
+  val = Dataset.open(th.tiny_dataset() / "val")
+  written = Dataset.open(out)  # images/ (links) and maps pair up: a dataset like any other.
+  assert written.names == val.names and written.info.categories == val.info.categories
+  for i in range(len(val)):
+    assert written.read_panoptic(i).shape == val.read_image(i).shape[:2]
+  assert sorted(p.stem for p in (out / "segments").glob("*.json")) == val.names
+
+
+def test_a_second_run_skips_what_is_written_and_an_undecodable_image_is_counted_and_skipped(tmp_path, capsys):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for i, name in enumerate(["a.jpg", "b.png"]):
+    Image.fromarray(np.full((40 + 8 * i, 70, 3), 60 * i, np.uint8)).save(folder / name)
+  (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+  argv = ["--workdir", str(_trained()), "--images", str(folder), "--out", str(tmp_path / "out"), "--batch_size", "8"]
+  assert predict_command.main(argv) == 1  # Failures make the status 1; the others are written.
+  summary = capsys.readouterr().out
+  assert "2 written, 0 skipped (already written), 1 failed" in summary and "broken" in summary
+  assert predict_command.main(argv) == 1
+  assert "0 written, 2 skipped (already written), 1 failed" in capsys.readouterr().out
+
+
+def test_the_exported_artifact_gives_the_models_maps(tmp_path):
+  manifest = json.loads((_exported() / "manifest.json").read_text())
+  assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
+  assert manifest["spec"]["categories"] == list(Dataset.open(th.tiny_dataset() / "val").info.categories)
+  assert not any("semantic_head" in name for name in np.load(_exported() / "weights.npz").files)
+  val = Dataset.open(th.tiny_dataset() / "val")
+  pictures = [val.read_image(i) for i in range(3)]
+  in_process = Predictor.from_workdir(str(_trained()), batch_size=8).predict_batch(pictures)
+  exported = Predictor.from_export(str(_exported()), batch_size=2).predict_batch(pictures)  # Another batch size.
+  for a, b in zip(in_process, exported):
+    np.testing.assert_array_equal(a.panoptic, b.panoptic)
+    assert a.scores == pytest.approx(b.scores)
+
+
+def test_serving_runs_without_flax_and_writes_what_predict_writes(tmp_path):
+  out = tmp_path / "served"
+  blocker = ("import sys\n"
+             "class Block:\n"
+             "  def find_spec(self, name, path=None, target=None):\n"
+             "    if name.split('.')[0] in ('flax', 'optax', 'orbax', 'grain') or name.startswith(\n"
+             "        ('panoptic_jax.model', 'panoptic_jax.training')):\n"
+             "      raise ImportError('blocked in this test: ' + name)\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "from panoptic_jax.inference import serving\n"
+             "from panoptic_jax import cli\n"
+             "cli.run(serving.main)\n")
+  command = [sys.executable, "-c", blocker, "--model", str(_exported()), "--images", str(th.tiny_dataset() / "val"),
+             "--out", str(out), "--batch_size", "4"]
+  done = subprocess.run(command, env=th.subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  expected = _predicted("plain")
+  served, predicted = _maps(out), _maps(expected)
+  assert served.keys() == predicted.keys()
+  for name in served:
+    np.testing.assert_array_equal(served[name], predicted[name])
+    assert (json.loads((out / "segments" / f"{name}.json").read_text())
+            == pytest.approx(json.loads((expected / "segments" / f"{name}.json").read_text())))
+
+
+def test_bad_inputs_give_one_clear_error_each(tmp_path):
+  empty_run = tmp_path / "run"
+  empty_run.mkdir()
+  shutil.copy(_trained() / "config.json", empty_run / "config.json")
+  with pytest.raises(workdir_lib.WorkdirError, match="no checkpoint"):
+    trained_model.load(str(empty_run))
+  with pytest.raises(workdir_lib.WorkdirError, match="no trained run"):
+    trained_model.load(str(tmp_path))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(images.NoImagesError, match="empty"):
+    images.ImageSource.open(str(tmp_path / "empty"))
+  old = tmp_path / "old_artifact"
+  shutil.copytree(_exported(), old)
+  manifest = json.loads((old / "manifest.json").read_text())
+  (old / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+  with pytest.raises(serving.ArtifactError, match="format version 0"):
+    serving.load(str(old))
+  with pytest.raises(serving.ArtifactError, match="not an exported model"):
+    serving.load(str(tmp_path))
+
+
+def test_an_output_location_that_cannot_be_written_is_one_line_of_error(tmp_path):
+  blocked = tmp_path / "a_file"
+  blocked.write_text("OUT would have to be a folder inside this file")
+  command = [sys.executable, "-m", "panoptic_jax.predict", "--workdir", str(_trained()), "--images",
+             str(th.tiny_dataset() / "val"), "--out", str(blocked / "out")]
+  done = subprocess.run(command, env=th.subprocess_env(1), capture_output=True, text=True, timeout=600)
+  assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1].startswith("error: ") and str(blocked) in done.stderr
