@@ -1,6 +1,7 @@
 """The prediction command's outputs: OUT is a valid dataset that decodes to the written maps and scores itself (PQ and
 AP, in the project's format and as COCO panoptic), resumes, refuses another model's OUT, and draws legible overlays."""
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -240,3 +241,15 @@ def test_the_writer_imports_no_jax_or_training_code():
   printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=pathlib.Path(__file__).resolve().parents[2]).stdout
   assert printed.strip() == "[] []"
+
+
+def test_writes_from_a_thread_pool(gt, tmp_path):
+  location, maps = gt
+  writer = outputs.PredictionWriter(tmp_path / "out", INFO, coco=True, overlays=True)
+  source = open_storage(location)
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    list(pool.map(lambda stem: writer.write(stem, _image(ord(stem)), maps[stem], _scores(maps[stem]),
+                                            (source, f"images/{stem}.png")), sorted(maps)))
+  assert all(writer.done(stem) for stem in maps)
+  assert writer.close()["coco_images"] == 3
+  assert validate_lib.validate_dataset(str(tmp_path / "out"), workers=1, progress=False)["valid"]
