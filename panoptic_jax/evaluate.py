@@ -9,8 +9,9 @@ folder), in any combination:
 
 Categories are the GT's (COCO: the GT JSON's `categories` list, in order, with `isthing`). COCO vs COCO matches
 categories by id and images by image_id (as panopticapi); any other combination matches both by name (image name =
-file stem). AP needs a score for every predicted thing segment (a `score` field in COCO `segments_info`); otherwise
-the output says that AP was not computed.
+file stem). AP needs a score for every predicted thing segment: a `score` field in COCO `segments_info`, or in the
+project's format a segment list `segments/<stem>.json` per image (README, "The dataset format"); otherwise the output
+says that AP was not computed.
 """
 
 from __future__ import annotations

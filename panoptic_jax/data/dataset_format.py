@@ -4,17 +4,40 @@ On disk (see the README, "The dataset format"):
   images/<stem>.<ext>         one image per file
   <annotations>/<stem>.tif    page 1: RGB category-colour map; page 2: instance-id map (uint8 / uint16 / uint32)
   metadata.yaml               task, annotations, categories, colors, optional things
+  segments/<stem>.json        optional: the segments of an annotation with their scores (predictions; see below)
 
 Inside the code there is one label representation, the int32 canonical panoptic map
 `category * label_divisor + instance` with categories 0..C-1 in metadata order and `VOID = -1`. Stuff segments have
 instance 0 (all segments of one stuff class in an image merge into one); thing instances are renumbered 1..K per
 category in increasing order of their on-disk id. This module is the only place that converts between the two.
+
+Segment lists (`segments/<stem>.json`, optional; predictions write them so that AP can be computed) list every
+segment of the annotation `<annotations>/<stem>.tif`, one JSON object per line, in increasing canonical value:
+
+  {"height": 480, "width": 640, "segments": [
+  {"id": 1, "category": "road", "instance": 0, "isthing": false, "area": 1000, "bbox": [0, 300, 64, 18], "score": 0.98},
+  {"id": 2, "category": "car", "instance": 1, "isthing": true, "area": 5210, "bbox": [40, 310, 120, 60], "score": 0.91}
+  ]}
+
+  height, width  the annotation's size at the image's resolution.
+  id             the segment's number in the image, 1..S (its id in a COCO panoptic PNG written beside it).
+  category       the category's name in metadata.yaml.
+  instance       the segment's id on page 2 of the TIFF; 0 for stuff (all pixels of a stuff category are one
+                 segment, whatever their ids).
+  isthing        as metadata.yaml says for the category.
+  area           pixels; bbox [x, y, w, h] in pixels, as COCO.
+  score          the segment's confidence (AP ranks thing segments by it).
+A thing entry names the decoded map's segment `category * label_divisor + rank`, where rank (from 1) is the place
+of its instance among the instances listed for its category, as decoding numbers them: the file lists exactly the
+segments of the map.
 """
 
 import dataclasses
 import functools
 import io
+import json
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,6 +53,7 @@ TASK = "panoptic segmentation"
 DEFAULT_LABEL_DIVISOR = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ANNOTATION_EXTENSIONS = (".tif", ".tiff")
+SEGMENTS = "segments"  # The folder of the optional segment lists, segments/<stem>.json.
 
 Color = tuple[int, int, int]
 _UNKNOWN_COLOR = -1
@@ -366,6 +390,161 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
     tiff.write(rgb, photometric="rgb", **options)
     tiff.write(instance.astype(id_dtype), photometric="minisblack", **options)
   return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segment lists (segments/<stem>.json)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """One entry of a segment list (see the module docstring for the fields)."""
+
+  id: int
+  category: str
+  instance: int
+  isthing: bool
+  area: int
+  bbox: tuple[int, int, int, int]
+  score: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentList:
+  """A decoded segments/<stem>.json: the annotation's size at image resolution and its segments."""
+
+  height: int
+  width: int
+  segments: tuple[Segment, ...]
+
+  def scores(self, info: DatasetInfo) -> dict[int, float]:
+    """Canonical value -> score, each (category, instance) numbered as `decode_annotation` numbers it: stuff gets
+    instance 0, a thing the rank of its instance among the listed instances of its category, from 1."""
+    index = {name: k for k, name in enumerate(info.categories)}
+    ids: dict[str, list[int]] = {}
+    for s in self.segments:
+      ids.setdefault(s.category, []).append(s.instance)
+    rank = {(c, i): r for c, listed in ids.items() for r, i in enumerate(sorted(listed), 1)}
+    return {index[s.category] * info.label_divisor + (rank[s.category, s.instance] if s.isthing else 0): s.score
+            for s in self.segments}
+
+
+def number_segments(panoptic: np.ndarray, info: DatasetInfo,
+                    scores: dict[int, float]) -> tuple[np.ndarray, SegmentList]:
+  """Numbers a canonical map's thing instances as decoding will and lists its segments.
+
+  Decoding numbers a category's thing instances 1..K by the rank of their on-disk ids, so a map whose instances are
+  not 1..K (a segment vanished when the map was resized) would decode to other values than it holds. Renumbered by
+  rank first, the map decodes to itself after `encode_annotation`.
+
+  Args:
+    panoptic: int32 [H, W] canonical map.
+    info: its metadata.
+    scores: canonical value of `panoptic` -> score; every segment of the map needs one (others are ignored).
+
+  Returns:
+    The renumbered int32 [H, W] map and its SegmentList (segments in increasing value, ids 1..S).
+
+  Raises:
+    ValueError: a value outside the categories, a stuff value with an instance other than 0, or a segment without
+      a score.
+  """
+  panoptic = np.asarray(panoptic)
+  values, inverse, area = np.unique(panoptic, return_inverse=True, return_counts=True)
+  inverse = inverse.reshape(panoptic.shape)
+  category = values // info.label_divisor  # VOID -> -1, sorted first.
+  if values[0] < VOID or category[-1] >= info.num_classes:
+    raise ValueError(f"the map holds values outside VOID and 0..{info.num_classes * info.label_divisor - 1}")
+  is_thing = np.asarray(info.is_thing + (False,), bool)[category]  # Index -1 (VOID) reads the False.
+  stuff_instances = (values >= 0) & ~is_thing & (values % info.label_divisor != 0)
+  if stuff_instances.any():
+    raise ValueError(f"stuff values {values[stuff_instances][:10].tolist()} have an instance other than 0; "
+                     "canonical maps give stuff instance 0")
+  missing = [int(v) for v in values if v >= 0 and int(v) not in scores]
+  if missing:
+    raise ValueError(f"segments {missing[:10]} of the map have no score")
+  rank = np.arange(len(values)) - np.searchsorted(category, category, side="left") + 1
+  renumbered = np.where(values < 0, VOID, category * info.label_divisor + np.where(is_thing, rank, 0))
+  # Bounding boxes from the rows and columns each segment occupies.
+  h, w = panoptic.shape
+  rows = np.bincount((inverse * h + np.arange(h)[:, None]).ravel(), minlength=len(values) * h).reshape(-1, h) > 0
+  cols = np.bincount((inverse * w + np.arange(w)[None, :]).ravel(), minlength=len(values) * w).reshape(-1, w) > 0
+  top, left = rows.argmax(1), cols.argmax(1)
+  bottom, right = h - rows[:, ::-1].argmax(1), w - cols[:, ::-1].argmax(1)
+  segments = []
+  for k in np.flatnonzero(values >= 0):
+    c = int(category[k])
+    segments.append(Segment(len(segments) + 1, info.categories[c], int(renumbered[k] - c * info.label_divisor),
+                            bool(is_thing[k]), int(area[k]),
+                            (int(left[k]), int(top[k]), int(right[k] - left[k]), int(bottom[k] - top[k])),
+                            float(scores[int(values[k])])))
+  return renumbered[inverse].astype(np.int32), SegmentList(h, w, tuple(segments))
+
+
+def encode_segments(segments: SegmentList) -> bytes:
+  """segments/<stem>.json bytes: one segment per line, readable and diffable."""
+  lines = [json.dumps(dataclasses.asdict(s)) for s in segments.segments]
+  return (f'{{"height": {segments.height}, "width": {segments.width}, "segments": [\n' + ",\n".join(lines)
+          + "\n]}\n").encode()
+
+
+def _field(entry: dict, name: str, kind: type, where: str, minimum: int | None = None):
+  """entry[name] checked to be of `kind` (an int for int: not a bool) and >= minimum."""
+  value = entry.get(name)
+  ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+  if ok and minimum is not None:
+    ok = value >= minimum
+  if not ok:
+    expected = {int: "an integer", str: "a string", bool: "true or false"}[kind]
+    expected += f" >= {minimum}" if minimum is not None else ""
+    raise FormatError(f"{where}.{name}: expected {expected}, found {value!r}")
+  return value
+
+
+def decode_segments(data: bytes, info: DatasetInfo, where: str = "segments") -> SegmentList:
+  """Parses segments/<stem>.json.
+
+  Raises:
+    FormatError: naming the file and field (e.g. `.../a.json: segments[3].score`): not JSON, a missing or mistyped
+      field, an unknown category, isthing not as metadata.yaml says, or one (category, instance) listed twice.
+  """
+  try:
+    doc = json.loads(data)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise FormatError(f"{where}: not valid JSON: {e}") from None
+  if not isinstance(doc, dict) or not isinstance(doc.get("segments"), list):
+    raise FormatError(f"{where}: expected an object with height, width and a 'segments' list, found "
+                      f"{type(doc).__name__}{'' if not isinstance(doc, dict) else ' without a segments list'}")
+  height, width = _field(doc, "height", int, where, 1), _field(doc, "width", int, where, 1)
+  thing_of = dict(zip(info.categories, info.is_thing))
+  segments, seen = [], set()
+  for i, entry in enumerate(doc["segments"]):
+    at = f"{where}: segments[{i}]"
+    if not isinstance(entry, dict):
+      raise FormatError(f"{at}: expected an object, found {entry!r}")
+    category = _field(entry, "category", str, at)
+    if category not in thing_of:
+      raise FormatError(f"{at}.category: {category!r} is not in metadata.yaml's categories {list(info.categories)}")
+    instance = _field(entry, "instance", int, at, 0)
+    isthing = _field(entry, "isthing", bool, at)
+    if isthing != thing_of[category]:
+      role = "a thing" if thing_of[category] else "stuff"
+      raise FormatError(f"{at}.isthing: expected {str(thing_of[category]).lower()} (metadata.yaml lists {category!r} "
+                        f"as {role}), found {str(isthing).lower()}")
+    key = (category, instance if isthing else 0)
+    if key in seen:
+      raise FormatError(f"{at}: {category!r} instance {instance} is listed twice")
+    seen.add(key)
+    bbox = entry.get("bbox")
+    if (not isinstance(bbox, list) or len(bbox) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in bbox)):
+      raise FormatError(f"{at}.bbox: expected [x, y, w, h] of integers >= 0, found {bbox!r}")
+    score = entry.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+      raise FormatError(f"{at}.score: expected a finite number, found {score!r}")
+    segments.append(Segment(_field(entry, "id", int, at, 1), category, instance, isthing,
+                            _field(entry, "area", int, at, 0), tuple(bbox), float(score)))
+  return SegmentList(height, width, tuple(segments))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

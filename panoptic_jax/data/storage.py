@@ -192,6 +192,19 @@ class LocalStorage(Storage):
       tmp.unlink(missing_ok=True)
       raise self._error("write", relpath, e, "a writable location") from None
 
+  def symlink(self, relpath: str, target: "str | os.PathLike[str]") -> None:
+    """Creates or replaces `relpath` as a symbolic link to the absolute path `target`."""
+    path = self._path(relpath)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp.unlink(missing_ok=True)
+      os.symlink(os.path.abspath(target), tmp)
+      os.replace(tmp, path)  # Replaces an earlier file or link in one step.
+    except OSError as e:
+      tmp.unlink(missing_ok=True)
+      raise self._error("write", relpath, e, "a location where links can be created") from None
+
   def exists(self, relpath: str) -> bool:
     return self._path(relpath).is_file()
 

@@ -4,8 +4,12 @@
 runs `panoptic_stats` on fixed-size batches (sharded over the local devices when the batch divides evenly), and
 reduces on the host in float64. Thing segments with scores also feed COCO mask AP (`instance.py`).
 
-`open_side` / `evaluate_sides` read both sides of an evaluation from the project's dataset format or COCO panoptic
-format, align categories and images, and run the Evaluator (used by `python -m panoptic_jax.evaluate`).
+`open_dataset_side` / `open_coco_side` / `evaluate_sides` read both sides of an evaluation from the project's dataset
+format or COCO panoptic format, align categories and images, and run the Evaluator (used by
+`python -m panoptic_jax.evaluate`). Segment scores, for AP, come from COCO `segments_info` entries' `score`, or from a
+project-format prediction's segment lists `segments/<stem>.json` (dataset_format's docstring; the prediction command
+writes them): each (category name, on-disk instance id) is mapped to the value decoding gives that segment, the rank
+of the id among the category's listed ids, then to the GT's categories.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -189,6 +194,7 @@ class Side:
   dataset: object | None = None
   category_ids: list[int] | None = None  # COCO category ids in canonical order.
   positions: dict[str, int] | None = None  # Dataset example index of each name.
+  segment_lists: dict[str, str] | None = None  # Dataset: name -> relative path of its segments/<stem>.json.
 
   @property
   def image_ids(self) -> dict:
@@ -196,12 +202,52 @@ class Side:
 
 
 def open_dataset_side(location: str, endpoint_url: str | None = None) -> Side:
-  from panoptic_jax.data.dataset import Dataset  # Imported here: the data package is only needed for this side.
+  """A side in the project's format; its segment lists (segments/<stem>.json), if any, give the scores for AP."""
+  from panoptic_jax.data import dataset_format as fmt  # Imported here: the data package is only needed for this side.
+  from panoptic_jax.data.dataset import Dataset
 
   dataset = Dataset.open(location, endpoint_url, require_images=False)
   info = dataset.info
+  lists = {}
+  for file in dataset.storage.list_files(fmt.SEGMENTS):
+    stem, ext = os.path.splitext(file)
+    if ext.lower() == ".json":
+      lists[stem] = f"{fmt.SEGMENTS}/{file}"
   return Side(f"dataset {location}", list(dataset.names), list(info.categories), list(info.is_thing),
-              info.label_divisor, dataset=dataset, positions={n: i for i, n in enumerate(dataset.names)})
+              info.label_divisor, dataset=dataset, positions={n: i for i, n in enumerate(dataset.names)},
+              segment_lists=lists)
+
+
+def _dataset_scores(side: Side, key: str, panoptic: np.ndarray) -> dict[int, float] | None:
+  """Canonical value (the side's own categories) -> score from the image's segment list, or None without one.
+
+  Raises:
+    EvaluationError: naming the file: malformed (and the field), or not listing exactly the map's segments.
+  """
+  from panoptic_jax.data import dataset_format as fmt
+
+  relpath = side.segment_lists.get(key) if side.segment_lists else None
+  if relpath is None:
+    return None
+  storage, info = side.dataset.storage, side.dataset.info
+  where = storage.url(relpath)
+  try:
+    scores = fmt.decode_segments(storage.read_bytes(relpath), info, where).scores(info)
+  except fmt.FormatError as e:
+    raise EvaluationError(str(e)) from None
+  present = {int(v) for v in np.unique(panoptic) if v != VOID}
+  if present != scores.keys():
+
+    def named(values):
+      return ", ".join(f"{side.categories[v // side.label_divisor]} #{v % side.label_divisor}"
+                       for v in sorted(values)[:10]) or "none"
+
+    raise EvaluationError(f"{where}: segments: expected the {len(present)} segments of the map "
+                          f"{storage.url(side.dataset.examples[side.positions[key]].annotation)}, found "
+                          f"{len(scores)} listed (thing instances numbered 1..K by on-disk id); in the map but not "
+                          f"listed: {named(present - scores.keys())}; listed but not in the map: "
+                          f"{named(scores.keys() - present)}")
+  return scores
 
 
 def open_coco_side(json_path: str, folder: str | None, reference: CocoPanoptic | None = None) -> Side:
@@ -275,6 +321,7 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
     return loaded.panoptic, loaded.crowd, (scores if has_scores else None), loaded.missing_fn
   dataset = side.dataset
   panoptic = dataset.read_panoptic(side.positions[key])
+  scores = None if is_gt else _dataset_scores(side, key, panoptic)
   if mapping is not None:
     valid = panoptic >= 0
     category = np.where(valid, panoptic // side.label_divisor, 0)
@@ -287,7 +334,10 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
       raise EvaluationError(f"{side.describe}: image {key}: instance id {instance.max()} does not fit the GT "
                             f"label_divisor {gt_side.label_divisor}")
     panoptic = np.where(valid, mapping[category] * gt_side.label_divisor + instance, VOID).astype(np.int32)
-  return panoptic, None, None, {}
+    if scores is not None:  # Every listed category is in the map, hence (checked above) a GT category.
+      scores = {int(mapping[v // side.label_divisor]) * gt_side.label_divisor + v % side.label_divisor: score
+                for v, score in scores.items()}
+  return panoptic, None, scores, {}
 
 
 def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int = 128, num_workers: int = 4,

@@ -363,3 +363,35 @@ def test_truncated_jpeg_names_the_file():
   data = _encoded(Image.fromarray(np.full((32, 32, 3), 99, np.uint8)), "JPEG")
   with pytest.raises(fmt.FormatError, match=r"^photos/cut\.jpg: cannot decode as an image: OSError"):
     fmt.decode_image(data[: len(data) // 2], where="photos/cut.jpg")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segment lists
+
+
+def test_number_segments_renumbers_as_decoding_does_and_lists_area_bbox_score(info):
+  panoptic = _random_panoptic(info, max_instances=9)
+  sparse = np.where((panoptic >= 0) & np.isin(panoptic // info.label_divisor, info.thing_ids),
+                    panoptic + 3 * (panoptic % info.label_divisor), panoptic)  # Instances 4, 8, 12, ...
+  scores = {int(v): 0.5 + v / 1e5 for v in np.unique(sparse) if v >= 0}
+  renumbered, segments = fmt.number_segments(sparse, info, scores)
+  np.testing.assert_array_equal(renumbered, panoptic)
+  np.testing.assert_array_equal(fmt.decode_annotation(fmt.encode_annotation(renumbered, info), info), renumbered)
+  assert [s.id for s in segments.segments] == list(range(1, len(scores) + 1))
+  for s, (old, score) in zip(segments.segments, sorted(scores.items())):
+    value = info.categories.index(s.category) * info.label_divisor + s.instance
+    rows, cols = np.nonzero(renumbered == value)
+    assert (s.area, s.score, s.isthing) == (len(rows), score, bool(old % info.label_divisor))
+    assert s.bbox == (cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min())
+  decoded = fmt.decode_segments(fmt.encode_segments(segments), info)
+  assert decoded == segments
+  assert decoded.scores(info) == {int(v): scores[int(old)] for v, old in zip(renumbered.ravel(), sparse.ravel())
+                                  if v >= 0}
+
+
+def test_number_segments_refuses_unscored_segments_and_stuff_instances(info):
+  panoptic = np.array([[0, 2 * info.label_divisor]], np.int32)
+  with pytest.raises(ValueError, match=r"segments \[2000\] of the map have no score"):
+    fmt.number_segments(panoptic, info, {0: 1.0})
+  with pytest.raises(ValueError, match=r"stuff values \[2001\] have an instance other than 0"):
+    fmt.number_segments(panoptic + 1, info, {1: 1.0, 2001: 1.0})
