@@ -74,7 +74,7 @@ def predict_location(predictor: Predictor, source: ImageSource, writer: Predicti
   skipped = len(mine) - len(todo)
   if skipped:
     logging.info("%d of %d images already have their outputs in %s; skipping them", skipped, len(mine),
-                 writer.describe())
+                 writer.storage.describe())
   failed: list[tuple[str, str]] = []
   written = 0
 
@@ -88,7 +88,8 @@ def predict_location(predictor: Predictor, source: ImageSource, writer: Predicti
 
   def write(i: int, image: np.ndarray, outputs: dict, content_hw) -> None:
     result = predictor.finish(outputs, content_hw, image.shape[:2])
-    writer.write(source.entries[i].name, image, result.panoptic, result.scores, source=source.origin(i))
+    entry = source.entries[i]
+    writer.write(entry.name, image, result.panoptic, result.scores, source=(source.storage, entry.relpath))
 
   bar = tqdm.tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True,
                   mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -155,15 +156,26 @@ def format_summary(summary: dict[str, Any], out: str) -> str:
 def run_command(predictor: Predictor, args: argparse.Namespace) -> int:
   """The body of both commands once the model is loaded; exit status 0, or 1 when images failed."""
   import jax
+
   source = ImageSource.open(args.images, args.endpoint_url)
-  writer = PredictionWriter(args.out, predictor.info, endpoint_url=args.endpoint_url, coco=args.coco,
+
+  def open_writer() -> PredictionWriter:
+    return PredictionWriter(args.out, predictor.info, endpoint_url=args.endpoint_url, coco=args.coco,
                             overlays=args.overlays, coco_categories=args.coco_categories)
-  logging.info("Predicting %d images of %s with %s (batches of %d) into %s", len(source), source.describe(),
-               predictor.description, predictor.batch_size, args.out)
-  try:
-    summary = predict_location(predictor, source, writer, workers=args.workers or max(2, os.cpu_count() or 1),
-                               process_index=jax.process_index(), process_count=jax.process_count())
-  finally:
-    writer.close()
+
+  writer = open_writer()
+  logging.info("Predicting %s with %s (batches of %d) into %s", source.describe(), predictor.description,
+               predictor.batch_size, writer.storage.describe())
+  summary = predict_location(predictor, source, writer, workers=args.workers or max(2, os.cpu_count() or 1),
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("panoptic_jax_predictions_written")
+    # Process 0 lists OUT afresh, so that the COCO JSON covers every process's images.
+    writer = open_writer() if jax.process_index() == 0 else None
+  if writer is not None:
+    written = writer.close()
+    if "coco_json" in written:
+      logging.info("COCO panoptic JSON of %d images: %s", written["coco_images"], written["coco_json"])
   print(format_summary(summary, args.out))
   return 1 if summary["failed"] else 0

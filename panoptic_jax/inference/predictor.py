@@ -75,7 +75,7 @@ class PanopticResult:
   def overlay(self, image: np.ndarray) -> np.ndarray:
     """uint8 [H, W', 3]: the image with its segments blended in, their outlines and a legend (visualize.py)."""
     from panoptic_jax import visualize  # Pillow drawing, only when asked.
-    return visualize.overlay_with_legend(image, self.panoptic, self.info)
+    return visualize.labelled_overlay(image, self.panoptic, self.info)
 
 
 def to_original(prediction: dict, content_hw: Sequence[int], original_hw: Sequence[int], label_divisor: int

@@ -21,6 +21,7 @@ from absl import logging
 from flax import nnx
 
 from panoptic_jax import ops
+from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import pipeline, storage, synthetic
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.errors import UserError
@@ -196,6 +197,15 @@ def _open_datasets(config: ml_collections.ConfigDict, mode: str, run: dict[str, 
   return train, val, (train_location, val_location)
 
 
+def record_run(wd: workdir_lib.Workdir, config: ml_collections.ConfigDict, locations: tuple[str, str],
+               info: fmt.DatasetInfo) -> None:
+  """Writes the run's config.json: its config, datasets and the training set's label space (what prediction and
+  export rebuild the model's outputs from)."""
+  wd.write_run(config, train_location=locations[0], val_location=locations[1], categories=list(info.categories),
+               is_thing=list(info.is_thing), colors=[list(c) if c is not None else None for c in info.colors],
+               label_divisor=info.label_divisor)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, Any]:
   """Trains and / or evaluates as `mode` says; returns the last evaluation's metrics (empty if none).
 
@@ -218,11 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
   with wd.lock() if mode != "eval" and jax.process_index() == 0 else contextlib.nullcontext():
     train_dataset, val_dataset, locations = _open_datasets(config, mode, run_record)
     if train_dataset is not None and jax.process_index() == 0:
-      info = train_dataset.info
-      wd.write_run(config, train_location=locations[0], val_location=locations[1],
-                   categories=list(info.categories), is_thing=list(info.is_thing),
-                   colors=[list(c) if c is not None else None for c in info.colors],
-                   label_divisor=info.label_divisor)
+      record_run(wd, config, locations, train_dataset.info)
     return _run(config, wd, mode, train_dataset, val_dataset)
 
 

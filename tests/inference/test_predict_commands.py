@@ -1,6 +1,7 @@
-"""The prediction and export commands end to end, on the tiny model the training tests train (6 steps, once per
-session): predictions score exactly as `--mode=eval`, an exported artifact runs without flax and writes the same
-outputs, and bad inputs give one clear error each."""
+"""The prediction and export commands end to end, on the tiny model that has memorised two scenes (its workdir and
+dataset come from tests/training/test_memorise.py, trained once per session): predictions score exactly as
+`--mode=eval`, an exported artifact runs without flax and writes the same outputs, and bad inputs give one clear
+error each."""
 
 import json
 import pathlib
@@ -18,20 +19,27 @@ from panoptic_jax.evaluation import evaluator as evaluator_lib
 from panoptic_jax.inference import export, images, serving, trained_model
 from panoptic_jax.inference.predictor import Predictor
 from panoptic_jax.training import workdir as workdir_lib
+from panoptic_jax.training import config as config_lib
+from panoptic_jax.training import train
 from tests.training import train_helpers as th
+from tests.training.test_memorise import memorised_workdir
 
 pytestmark = pytest.mark.slow
 
 
 def _trained() -> pathlib.Path:
-  return th.mesh_8x1_run()[0]
+  return memorised_workdir()[0]
+
+
+def _dataset() -> pathlib.Path:
+  return memorised_workdir()[1]
 
 
 def _predicted(name: str, *flags: str) -> pathlib.Path:
   """OUT of `predict` over the tiny validation set (once per session and flags)."""
   def compute():
     out = th.session_dir() / f"predicted_{name}"
-    status = predict_command.main(["--workdir", str(_trained()), "--images", str(th.tiny_dataset() / "val"),
+    status = predict_command.main(["--workdir", str(_trained()), "--images", str(_dataset()),
                                    "--out", str(out), "--batch_size", "8", *flags])
     assert status == 0
     return out
@@ -53,22 +61,27 @@ def _maps(location: pathlib.Path) -> dict[str, np.ndarray]:
 
 def test_predictions_score_exactly_as_the_evaluation_of_the_same_checkpoint():
   workdir = th.session_dir() / "eval_all"
-  shutil.copytree(_trained() / "checkpoints", workdir / "checkpoints")
-  shutil.copy(_trained() / "config.json", workdir / "config.json")
-  in_loop = th.run_in_process(workdir, "eval", eval__max_images=0)["result"]
-  gt = evaluator_lib.open_dataset_side(str(th.tiny_dataset() / "val"))
+  shutil.copytree(_trained(), workdir)
+  config = config_lib.from_record(workdir_lib.Workdir(workdir).read_run(), "config.json")
+  in_loop = train.run(config, str(workdir), "eval")["result"]
+  assert in_loop["panoptic"]["Things"]["n"] > 0 and in_loop["panoptic"]["All"]["pq"] > 0.3  # A model that sees.
+  gt = evaluator_lib.open_dataset_side(str(_dataset()))
   pred = evaluator_lib.open_dataset_side(str(_predicted("plain")))
   result = evaluator_lib.evaluate_sides(gt, pred, progress=False)
   for group in ("All", "Things", "Stuff"):
     for metric in ("pq", "sq", "rq"):
       assert result["panoptic"][group][metric] == pytest.approx(in_loop["panoptic"][group][metric], abs=1e-9)
+  for name, values in in_loop["panoptic"]["per_category"].items():
+    assert result["panoptic"]["per_category"][name] == pytest.approx(values, abs=1e-9), name
   assert result["semantic"]["mIoU"] == pytest.approx(in_loop["semantic"]["mIoU"], abs=1e-9)
-  assert result["instance"]["computed"], result["instance"]
+  assert result["instance"]["computed"] and in_loop["instance"]["computed"]
+  for metric in ("AP", "AP50", "AP75"):
+    assert result["instance"][metric] == pytest.approx(in_loop["instance"][metric], abs=1e-9)
 
 
 def test_the_output_is_a_dataset_at_each_images_own_size_with_scores_beside_the_maps():
   out = _predicted("plain")
-  val = Dataset.open(th.tiny_dataset() / "val")
+  val = Dataset.open(_dataset())
   written = Dataset.open(out)  # images/ (links) and maps pair up: a dataset like any other.
   assert written.names == val.names and written.info.categories == val.info.categories
   for i in range(len(val)):
@@ -93,10 +106,10 @@ def test_a_second_run_skips_what_is_written_and_an_undecodable_image_is_counted_
 def test_the_exported_artifact_gives_the_models_maps(tmp_path):
   manifest = json.loads((_exported() / "manifest.json").read_text())
   assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
-  assert manifest["spec"]["categories"] == list(Dataset.open(th.tiny_dataset() / "val").info.categories)
+  assert manifest["spec"]["categories"] == list(Dataset.open(_dataset()).info.categories)
   assert not any("semantic_head" in name for name in np.load(_exported() / "weights.npz").files)
-  val = Dataset.open(th.tiny_dataset() / "val")
-  pictures = [val.read_image(i) for i in range(3)]
+  val = Dataset.open(_dataset())
+  pictures = [val.read_image(i) for i in range(len(val))]
   in_process = Predictor.from_workdir(str(_trained()), batch_size=8).predict_batch(pictures)
   exported = Predictor.from_export(str(_exported()), batch_size=2).predict_batch(pictures)  # Another batch size.
   for a, b in zip(in_process, exported):
@@ -116,7 +129,7 @@ def test_serving_runs_without_flax_and_writes_what_predict_writes(tmp_path):
              "from panoptic_jax.inference import serving\n"
              "from panoptic_jax import cli\n"
              "cli.run(serving.main)\n")
-  command = [sys.executable, "-c", blocker, "--model", str(_exported()), "--images", str(th.tiny_dataset() / "val"),
+  command = [sys.executable, "-c", blocker, "--model", str(_exported()), "--images", str(_dataset()),
              "--out", str(out), "--batch_size", "4"]
   done = subprocess.run(command, env=th.subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -125,8 +138,11 @@ def test_serving_runs_without_flax_and_writes_what_predict_writes(tmp_path):
   assert served.keys() == predicted.keys()
   for name in served:
     np.testing.assert_array_equal(served[name], predicted[name])
-    assert (json.loads((out / "segments" / f"{name}.json").read_text())
-            == pytest.approx(json.loads((expected / "segments" / f"{name}.json").read_text())))
+    served_segments, predicted_segments = (json.loads((folder / "segments" / f"{name}.json").read_text())["segments"]
+                                           for folder in (out, expected))
+    assert served_segments and len(served_segments) == len(predicted_segments)
+    for a, b in zip(served_segments, predicted_segments):
+      assert {**a, "score": pytest.approx(b["score"], abs=1e-6)} == b
 
 
 def test_bad_inputs_give_one_clear_error_each(tmp_path):
@@ -154,7 +170,7 @@ def test_an_output_location_that_cannot_be_written_is_one_line_of_error(tmp_path
   blocked = tmp_path / "a_file"
   blocked.write_text("OUT would have to be a folder inside this file")
   command = [sys.executable, "-m", "panoptic_jax.predict", "--workdir", str(_trained()), "--images",
-             str(th.tiny_dataset() / "val"), "--out", str(blocked / "out")]
+             str(_dataset()), "--out", str(blocked / "out")]
   done = subprocess.run(command, env=th.subprocess_env(1), capture_output=True, text=True, timeout=600)
   assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
   assert done.stderr.strip().splitlines()[-1].startswith("error: ") and str(blocked) in done.stderr

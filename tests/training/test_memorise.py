@@ -13,6 +13,7 @@ structures of these scenes (poles, sign posts, limbs) to bilinear upsampling: PQ
 
 import dataclasses
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,9 @@ from configs import demo
 from panoptic_jax.data import synthetic, transforms
 from panoptic_jax.evaluation.evaluator import Evaluator
 from panoptic_jax.inference import postprocess
-from panoptic_jax.training import losses, optim, sharding, train
+from panoptic_jax.training import checkpoint, losses, optim, sharding, train
+from panoptic_jax.training import workdir as workdir_lib
+from tests.training import train_helpers as th
 
 pytestmark = pytest.mark.slow
 
@@ -127,13 +130,42 @@ def _summary(result: dict) -> str:
   return f"PQ {result['All']['pq']:.3f}, per category {per_category}"
 
 
+def memorised() -> Memoriser:
+  """The memoriser after STEPS steps of the recipe (once per session: the prediction tests use its model too)."""
+  def compute():
+    memoriser = Memoriser(memorise_config())
+    memoriser.train(STEPS)
+    return memoriser
+  return th.memo("memorised", compute)
+
+
+def memorised_workdir() -> tuple[pathlib.Path, pathlib.Path]:
+  """(workdir, dataset) of the memorised model, as a training run leaves them: the two scenes as a dataset in the
+  project's format, the run's config.json and its checkpoint. The images are JPEGs of the scenes, as the demo's."""
+  def compute():
+    memoriser = memorised()
+    root = th.session_dir() / "memorised"
+    synthetic.generate(str(root / "data"), num_train=len(SCENES), num_val=0, seed=SEED, height=SCENE_HW[0],
+                       width=SCENE_HW[1], num_workers=0, progress=False)
+    dataset = root / "data" / "train"
+    config = memoriser.config.copy_and_resolve_references()
+    config.dataset.synthetic = None
+    config.dataset.train = config.dataset.val = str(dataset)
+    config.input.crop_size, config.input.resize_to_crop = CROP_HW, False
+    workdir = workdir_lib.Workdir(root / "run")
+    train.record_run(workdir, config, (str(dataset), str(dataset)), synthetic.INFO)
+    saver = checkpoint.Checkpointer(str(workdir.checkpoints), every=0, keep=1)
+    saver.save(memoriser.step, memoriser.state, None, force=True)
+    saver.close()
+    return workdir.path, dataset
+  return th.memo("memorised_workdir", compute)
+
+
 def test_tiny_model_memorises_two_scenes_to_pq_095():
-  memoriser = Memoriser(memorise_config())
-  untrained = memoriser.panoptic_quality()
+  untrained = Memoriser(memorise_config()).panoptic_quality()
   # The bar means something: an untrained model is far below it (measured: 0.0).
   assert untrained["All"]["pq"] < PQ_UNTRAINED_BELOW, _summary(untrained)
-  memoriser.train(STEPS)
-  trained = memoriser.panoptic_quality()
+  trained = memorised().panoptic_quality()
   assert trained["All"]["pq"] >= PQ_TO_REACH, _summary(trained)
   # Both scenes hold stuff and things, so both groups must have been learnt, not one averaged over the other.
   assert trained["Things"]["n"] > 0 and trained["Stuff"]["n"] > 0
