@@ -65,7 +65,8 @@ def bench_preset(preset: str, size: int, iters: int, workdir: str) -> dict:
     onnx_export.run_onnx(session, images_np)
     ort_s.append(time.perf_counter() - t)
   return {"preset": preset, "size": size, "export_s": info["seconds"],
-          "onnx_mb": pathlib.Path(path).stat().st_size / 2**20, "compile_s": compile_s, "jax_ms": 1e3 * float(np.median(jax_s)), "ort_ms": 1e3 * float(np.median(ort_s)),
+          "onnx_mb": pathlib.Path(path).stat().st_size / 2**20, "compile_s": compile_s,
+          "jax_ms": 1e3 * float(np.median(jax_s)), "ort_ms": 1e3 * float(np.median(ort_s)),
           "diff": {k: float(np.abs(got[k] - want[k]).max()) for k in onnx_export.OUTPUT_NAMES},
           "scale": {k: float(np.abs(want[k]).max()) for k in onnx_export.OUTPUT_NAMES}}
 
