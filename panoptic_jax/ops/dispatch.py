@@ -4,13 +4,16 @@ Every choice is made when a computation is lowered for a platform (`lax.platform
 built: the model's modules call these functions and never ask where they run, the same model object can be compiled
 for CPU and GPU in one process, and a function exported for several platforms carries each platform's kernels (the
 StableHLO holds both alternatives; the compiler sees only its own). On XLA:CPU the formulations of `cpu_conv` and
-`xla_cpu` apply; GPU and TPU get plain lax.
+`xla_cpu` apply; GPU and TPU get plain lax. Inside `portable()` every choice is the plain-lax one at trace time, for
+converters (ONNX) that read the traced program rather than compile it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import jax
 from jax import lax
@@ -19,9 +22,29 @@ from panoptic_jax.ops import cpu_conv, xla_cpu
 
 T = TypeVar("T")
 
+_PORTABLE = contextvars.ContextVar("panoptic_jax_portable_kernels", default=False)
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+  """While active, `by_platform` traces `default` alone: no `platform_index`/`cond`, no CPU kernels or barriers.
+
+  For converters of the traced program to other runtimes (ONNX): the program they get is the one GPUs and TPUs run.
+  It acts at trace time, so it changes only functions traced inside it: a `jax.jit` function already traced outside
+  keeps its cached program (and one traced inside keeps the portable one); trace a fresh function here.
+  """
+  token = _PORTABLE.set(True)
+  try:
+    yield
+  finally:
+    _PORTABLE.reset(token)
+
 
 def by_platform(*args: Any, cpu: Callable[..., T], default: Callable[..., T]) -> T:
-  """`cpu(*args)` when lowered for XLA:CPU, `default(*args)` for any other platform (same output shapes)."""
+  """`cpu(*args)` when lowered for XLA:CPU, `default(*args)` for any other platform (same output shapes); always
+  `default(*args)` inside `portable()`."""
+  if _PORTABLE.get():
+    return default(*args)
   return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 

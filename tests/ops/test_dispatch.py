@@ -59,3 +59,15 @@ def test_dot_general_matches_lax_on_every_form():
   y = jax.random.normal(jax.random.key(2), (2, 3, 16))
   np.testing.assert_allclose(np.asarray(ops.dot_general(x, y, batched)),
                              np.asarray(jax.lax.dot_general(x, y, batched)), rtol=1e-6)
+
+
+def test_portable_traces_the_plain_lax_form_for_converters():
+  """Inside `ops.portable()` the traced program has no platform choice: a converter reading the jaxpr (ONNX) sees
+  the convolution GPUs run and no CPU barrier; outside it the choice is back."""
+  x, w = jnp.ones((1, 9, 9, 64)), jnp.ones((3, 3, 64, 64))
+  traced = lambda: str(jax.make_jaxpr(lambda x, w: ops.fusion_barrier(_conv(x, w)))(x, w))  # noqa: E731
+  with ops.portable():
+    portable = traced()
+  assert "platform_index" not in portable and "cond" not in portable and "reduce_precision" not in portable
+  assert portable.count("conv_general_dilated") == 1
+  assert "platform_index" in traced()
