@@ -13,7 +13,6 @@ onnxruntime and TensorRT (needs `pip install -r requirements-onnx.txt`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
 from panoptic_jax import cli
@@ -40,13 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
   model = trained_model.load(args.workdir, args.step, dtype=args.dtype)
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
-  manifest = export.export(model, args.out, platforms, args.dtype)
+  manifest = export.export(model, args.out, platforms, args.dtype, onnx=args.format == "onnx")
   print(f"exported {args.workdir} at step {model.step} for {', '.join(manifest['platforms'])} "
         f"({manifest['weights']['parameters']:,} weights) -> {args.out}")
-  if args.format == "onnx":
-    from panoptic_jax.inference import onnx_export
-    onnx = onnx_export.export_onnx(model.model(), model.spec.crop_size, f"{args.out}/model.onnx")
-    print(f"ONNX: {json.dumps(onnx)}")
+  if "onnx" in manifest:
+    print(f"ONNX: {manifest['onnx']['path']} (run it with onnx_export.run_onnx or onnxruntime)")
   return 0
 
 

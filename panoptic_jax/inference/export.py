@@ -8,6 +8,8 @@
                          and the mask-wise merge, B symbolic, lowered for each platform asked
       weights.npz        the parameters and batch statistics, one array per name (numpy's format: nothing else
                          is needed to read them)
+      model.onnx         with onnx=True: the network alone, images float32 [B, h, w, 3] in 0..255 -> mask_logits
+                         [B, h', w', N], class_logits [B, N, K + 1] (`onnx_export.py`; the merge does not convert)
 
 The weights are arguments of the exported function, not constants inside it: the StableHLO stays small, and the
 arrays are read with numpy. Backend kernels are chosen per platform inside the function (`ops.dispatch`), so the
@@ -32,6 +34,7 @@ from panoptic_jax.inference.trained_model import TrainedModel
 
 FUNCTION = "model.jaxexport"
 WEIGHTS = "weights.npz"
+ONNX_FILE = "model.onnx"
 PLATFORMS = ("cpu", "cuda", "tpu")
 OUTPUTS = {
     "panoptic": "int32 [B, h, w] canonical map category * label_divisor + instance, -1 void, at the crop",
@@ -87,8 +90,8 @@ def used_weights(model: TrainedModel, weights: dict[str, np.ndarray]) -> list[st
   return [name for name, var in zip(sorted(weights), jaxpr.invars) if id(var) in read]
 
 
-def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, dtype: str = "float32"
-           ) -> dict[str, Any]:
+def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, dtype: str = "float32",
+           onnx: bool = False) -> dict[str, Any]:
   """Writes ARTIFACT (see the module docstring) for `model`; returns the manifest.
 
   Args:
@@ -96,6 +99,7 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
     out: the artifact's folder (created; files in it are replaced).
     platforms: lowerings to include ("cpu", "cuda", "tpu").
     dtype: the compute dtype the model was loaded with (recorded in the manifest).
+    onnx: also write ONNX_FILE, the network alone (images -> mask and class logits; `onnx_export.py`).
   """
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
@@ -128,5 +132,8 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
       "weights": {"file": WEIGHTS, "arrays": len(weights), "parameters": int(sum(v.size for v in weights.values()))},
       "export_seconds": round(seconds, 2),
   }
+  if onnx:
+    from panoptic_jax.inference import onnx_export  # Needs requirements-onnx.txt.
+    manifest["onnx"] = onnx_export.export_onnx(model.model(), model.spec.crop_size, str(folder / ONNX_FILE))
   (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
   return manifest

@@ -117,6 +117,21 @@ def test_the_exported_artifact_gives_the_models_maps(tmp_path):
     assert a.scores == pytest.approx(b.scores)
 
 
+def test_export_as_onnx_gives_the_networks_logits(tmp_path):
+  pytest.importorskip("onnxruntime")
+  from panoptic_jax import export as export_command
+  from panoptic_jax.inference import onnx_export
+  argv = ["--workdir", str(_trained()), "--out", str(tmp_path / "art"), "--platforms", "cpu", "--format", "onnx"]
+  assert export_command.main(argv) == 0
+  model = trained_model.load(str(_trained()))
+  predictor = Predictor(None, model.spec)
+  crops = np.stack([predictor.prepare(Dataset.open(_dataset()).read_image(i))[0] for i in range(2)])
+  expected = model.model()(crops)
+  got = onnx_export.run_onnx(str(tmp_path / "art" / "model.onnx"), crops.astype(np.float32))
+  for name in ("mask_logits", "class_logits"):
+    np.testing.assert_allclose(got[name], np.asarray(expected[name]), atol=1e-4)
+
+
 def test_serving_runs_without_flax_and_writes_what_predict_writes(tmp_path):
   out = tmp_path / "served"
   blocker = ("import sys\n"
