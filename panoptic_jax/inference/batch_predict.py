@@ -1,8 +1,9 @@
 """Predicts a whole location of images into an output dataset: what `python -m panoptic_jax.predict` and
 `python -m panoptic_jax.inference.serving` run, with any `Predictor` (a workdir's model or an exported one).
 
-Three stages overlap: reader threads read, decode and prepare the next images (`--workers`), the device runs one
-batch at a time, writer threads restore maps to each image's size and write them. The run is resumable: an image
+Three stages overlap: reader threads read, decode and prepare the next images (`--workers`), the device computes
+one batch while the next is gathered and dispatched, writer threads restore maps to each image's size and write
+them. The run is resumable: an image
 whose outputs are all written is skipped. An image that cannot be read or decoded is named in the log, counted and
 skipped; the summary at the end lists them, and the exit status is then 1. With several processes (`--multihost`
 or `--coordinator_address`), each process predicts every `process_count`-th image on its own devices.
@@ -113,8 +114,15 @@ def predict_location(predictor: Predictor, source: ImageSource, writer: Predicti
         written += 1
         bar.update(1)
 
+    def finish(in_flight) -> None:
+      handle, batch = in_flight
+      for (i, image, (_, content_hw)), out in zip(batch, predictor.collect(handle)):
+        pending_writes.append(writers.submit(write, i, image, out, content_hw))
+      drain_writes(limit=lookahead)
+
     refill()
     batch: list = []
+    in_flight = None  # The batch the device is computing while the next one is gathered.
     while pending_reads or batch:
       if pending_reads:
         i, image, prepared, error = pending_reads.popleft().result()
@@ -129,11 +137,12 @@ def predict_location(predictor: Predictor, source: ImageSource, writer: Predicti
           continue
       if not batch:
         continue
-      outputs = predictor.run([crop for _, _, (crop, _) in batch])
-      for (i, image, (_, content_hw)), out in zip(batch, outputs):
-        pending_writes.append(writers.submit(write, i, image, out, content_hw))
-      batch = []
-      drain_writes(limit=lookahead)
+      handle = predictor.dispatch([crop for _, _, (crop, _) in batch])
+      if in_flight is not None:
+        finish(in_flight)
+      in_flight, batch = (handle, batch), []
+    if in_flight is not None:
+      finish(in_flight)
     drain_writes(limit=0)
   bar.close()
   seconds = time.perf_counter() - start

@@ -149,13 +149,24 @@ class Predictor:
                                          self.spec.pad_value)
     return crop, content_hw
 
-  def run(self, crops: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Network outputs of up to `batch_size` prepared crops, one numpy dict per crop."""
+  def dispatch(self, crops: Sequence[np.ndarray]) -> tuple[dict, int]:
+    """Starts the network on up to `batch_size` prepared crops and returns without waiting for it (JAX dispatches
+    asynchronously): the host can prepare the next batch meanwhile. `collect` gives the outputs."""
     if not 0 < len(crops) <= self.batch_size:
       raise ValueError(f"expected 1 to {self.batch_size} crops, found {len(crops)}")
     batch = np.stack(list(crops) + [np.full_like(crops[0], self.spec.pad_value)] * (self.batch_size - len(crops)))
-    outputs = {k: np.asarray(v) for k, v in self.network(batch).items()}
-    return [{k: v[i] for k, v in outputs.items()} for i in range(len(crops))]
+    return self.network(batch), len(crops)
+
+  @staticmethod
+  def collect(handle: tuple[dict, int]) -> list[dict[str, np.ndarray]]:
+    """The outputs of a `dispatch`, one numpy dict per crop."""
+    outputs, count = handle
+    outputs = {k: np.asarray(v) for k, v in outputs.items()}
+    return [{k: v[i] for k, v in outputs.items()} for i in range(count)]
+
+  def run(self, crops: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Network outputs of up to `batch_size` prepared crops, one numpy dict per crop."""
+    return self.collect(self.dispatch(crops))
 
   def finish(self, outputs: dict[str, np.ndarray], content_hw: Sequence[int], original_hw: Sequence[int]
              ) -> PanopticResult:
