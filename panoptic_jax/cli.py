@@ -12,6 +12,7 @@ shows the traceback too. Any other exception is a bug: it keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -140,3 +141,16 @@ def initialise_jax(coordinator_address: str | None = None, num_processes: int | 
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   logging.info("JAX %s: process %d of %d, %d local / %d global devices (%s)", jax.__version__, jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.default_backend())
+
+
+def pair_of_ints(text: str) -> tuple[int, int]:
+  """argparse type of options such as `--crop_size 641,641` (one number: a square)."""
+  try:
+    values = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    values = ()
+  if len(values) == 1:
+    values = values * 2
+  if len(values) != 2:
+    raise argparse.ArgumentTypeError(f"expected H,W (two integers, e.g. 641,641), found {text!r}")
+  return values

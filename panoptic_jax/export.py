@@ -1,7 +1,7 @@
 """Exports a trained model: one artifact that runs with jax and numpy alone, or the network as ONNX.
 
-  python -m panoptic_jax.export --workdir RUN --out ARTIFACT [--step N] [--platforms cpu,cuda,tpu]
-      [--dtype float32|bfloat16] [--format jax|onnx]
+  python -m panoptic_jax.export --workdir RUN --out ARTIFACT [--step N] [--crop_size H,W]
+      [--platforms cpu,cuda,tpu] [--dtype float32|bfloat16] [--format jax|onnx]
 
 `--format jax` (default) writes ARTIFACT/ with manifest.json, model.jaxexport (the network and the mask-wise merge,
 any batch size, lowered for every platform asked) and weights.npz; run it with
@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--workdir", required=True, help="a training run's workdir")
   parser.add_argument("--out", required=True, help="the artifact's folder")
   parser.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+  parser.add_argument("--crop_size", type=cli.pair_of_ints,
+                      help="H,W: the inference size instead of the run's input.crop_size (sides of 32 k + 1)")
   parser.add_argument("--platforms", default="cpu,cuda,tpu", help="lowerings to include (default cpu,cuda,tpu)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                       help="compute dtype (parameters are stored in float32)")
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
   cli.initialise_jax()
   from panoptic_jax.inference import export, trained_model  # Flax and the model: after the arguments are checked.
 
-  model = trained_model.load(args.workdir, args.step, dtype=args.dtype)
+  model = trained_model.load(args.workdir, args.step, dtype=args.dtype, crop_size=args.crop_size)
   platforms = [p.strip() for p in args.platforms.split(",") if p.strip()]
   manifest = export.export(model, args.out, platforms, args.dtype, onnx=args.format == "onnx")
   print(f"exported {args.workdir} at step {model.step} for {', '.join(manifest['platforms'])} "

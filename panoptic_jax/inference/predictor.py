@@ -123,11 +123,13 @@ class Predictor:
     self.description = description
 
   @classmethod
-  def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int | None = None) -> "Predictor":
-    """The newest checkpoint (or `step`) of a training workdir; the batch is split over the local devices
-    (`batch_size` is rounded up to a multiple of their count; default one image per device)."""
+  def from_workdir(cls, workdir: str, step: int | None = None, batch_size: int | None = None,
+                   crop_size: tuple[int, int] | None = None) -> "Predictor":
+    """The newest checkpoint (or `step`) of a training workdir, at the run's inference size or `crop_size`; the batch
+    is split over the local devices (`batch_size` is rounded up to a multiple of their count; default one image per
+    device)."""
     from panoptic_jax.inference import trained_model  # Flax and the model code: only on this path.
-    model = trained_model.load(workdir, step)
+    model = trained_model.load(workdir, step, crop_size=crop_size)
     devices = model.mesh.size
     batch_size = -(-(batch_size or devices) // devices) * devices
     return cls(model.forward(), model.spec, batch_size, f"{workdir} at step {model.step}")

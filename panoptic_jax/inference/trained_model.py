@@ -102,8 +102,8 @@ def _generated_color(k: int) -> tuple[int, int, int]:
   return int(r * 255), int(g * 255), int(b * 255)
 
 
-def load(workdir: str, step: int | None = None, devices: list | None = None, dtype: str | None = None
-         ) -> TrainedModel:
+def load(workdir: str, step: int | None = None, devices: list | None = None, dtype: str | None = None,
+         crop_size: tuple[int, int] | None = None) -> TrainedModel:
   """Rebuilds the run's model and reads one checkpoint's weights onto `devices` (default: the local devices).
 
   Args:
@@ -111,11 +111,13 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
     step: the checkpoint's step (None: the newest that reads back whole).
     devices: where the weights go (replicated) and prediction runs.
     dtype: compute dtype ("float32" / "bfloat16") instead of the run's `model.dtype`; parameters stay float32.
+    crop_size: the inference size (h, w) instead of the run's `input.crop_size` (sides of 32 k + 1).
 
   Raises:
     WorkdirError: the workdir holds no run (no config.json) or no checkpoint that reads back.
     CheckpointNotFoundError: no checkpoint at `step`.
     CheckpointMismatchError: the checkpoint does not fit the recorded config.
+    ConfigError: a `crop_size` whose sides are not of the form 32 k + 1.
   """
   wd = workdir_lib.Workdir(workdir)
   record = wd.read_run()
@@ -131,6 +133,9 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
   info = _info(record, where)
   if dtype is not None:
     config.model.dtype = dtype
+  if crop_size is not None:
+    config.input.crop_size = tuple(crop_size)
+    config_lib.validate(config, needs_train_data=False)
   mesh = jax.sharding.Mesh(np.array(devices or jax.local_devices()), ("data",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 

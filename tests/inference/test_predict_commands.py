@@ -103,6 +103,28 @@ def test_a_second_run_skips_what_is_written_and_an_undecodable_image_is_counted_
   assert "0 written, 2 skipped (already written), 1 failed" in capsys.readouterr().out
 
 
+def test_two_processes_split_the_images_and_write_one_coco_json(tmp_path):
+  out, port = tmp_path / "out", th.free_port()
+  commands = [[sys.executable, "-m", "panoptic_jax.predict", "--workdir", str(_trained()), "--images", str(_dataset()),
+               "--out", str(out), "--coco", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+               "--process_id", str(k)] for k in range(2)]
+  processes = [subprocess.Popen(c, env=th.subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for c in commands]
+  try:
+    outputs = [p.communicate(timeout=600) for p in processes]
+  finally:
+    for p in processes:
+      th.kill(p)
+  assert [p.returncode for p in processes] == [0, 0], [err[-3000:] for _, err in outputs]
+  assert [o.strip().splitlines()[-1].split(",")[0] for o, _ in outputs] == ["1 written", "1 written"]
+  single, split = _maps(_predicted("plain")), _maps(out)
+  assert split.keys() == single.keys()
+  for name in single:
+    np.testing.assert_array_equal(split[name], single[name])
+  coco = json.loads((out / "coco" / "panoptic.json").read_text())
+  assert sorted(a["image_id"] for a in coco["annotations"]) == sorted(single)
+
+
 def test_the_exported_artifact_gives_the_models_maps(tmp_path):
   manifest = json.loads((_exported() / "manifest.json").read_text())
   assert manifest["platforms"] == ["cpu", "cuda", "tpu"]
@@ -158,6 +180,15 @@ def test_serving_runs_without_flax_and_writes_what_predict_writes(tmp_path):
     assert served_segments and len(served_segments) == len(predicted_segments)
     for a, b in zip(served_segments, predicted_segments):
       assert {**a, "score": pytest.approx(b["score"], abs=1e-6)} == b
+
+
+def test_another_inference_size_gives_maps_at_each_images_size_and_a_bad_one_names_the_valid_sides():
+  val = Dataset.open(_dataset())
+  image = val.read_image(0)
+  larger = Predictor.from_workdir(str(_trained()), crop_size=(97, 193))
+  assert larger.spec.crop_size == (97, 193) and larger(image).panoptic.shape == image.shape[:2]
+  with pytest.raises(config_lib.ConfigError, match="nearest valid sides to 100 are 97 and 129"):
+    trained_model.load(str(_trained()), crop_size=(100, 129))
 
 
 def test_bad_inputs_give_one_clear_error_each(tmp_path):
