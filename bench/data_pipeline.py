@@ -160,7 +160,7 @@ def main() -> None:
   configs = [("in-process (workers 0, threads 0)", base), ("in-process, 2 read threads", threaded)]
   if args.workers:
     configs.append((f"{args.workers} worker processes", workers))
-  available = ["pil"] + (["cv2"] if resampling._cv2() is not None else [])  # pylint: disable=protected-access
+  available = ["pil"] + (["cv2"] if resampling.opencv() is not None else [])
 
   server = None
   datasets = [("local", local)]

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  cli.initialise_jax()  # The persistent compilation cache: later runs skip compiling the metric.
   try:
     gt = _side(parser, args, "gt")
     pred = _side(parser, args, "pred", reference=gt.coco if args.pred_json and args.gt_json else None)

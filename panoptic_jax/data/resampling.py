@@ -34,7 +34,7 @@ def _sample_indices(origin: int, count: int, scale: float, size: int, reverse: b
   return idx[::-1] if reverse else idx
 
 
-def _cv2():
+def opencv():
   """OpenCV when installed (one thread: the pipeline parallelises over images), else None."""
   global _CV2
   if _CV2 is None:
@@ -52,20 +52,20 @@ def resolve_backend(backend: str) -> str:
   if backend not in BACKENDS:
     raise ValueError(f"resize backend: expected one of {BACKENDS}, found {backend!r}")
   if backend == "auto":
-    return "cv2" if _cv2() is not None else "pil"
-  if backend == "cv2" and _cv2() is None:
+    return "cv2" if opencv() is not None else "pil"
+  if backend == "cv2" and opencv() is None:
     raise ValueError("resize backend 'cv2' needs OpenCV: pip install opencv-python-headless (or use 'pil')")
   return backend
 
 
 def recolor(image: np.ndarray, matrix: tuple[float, ...], backend: str) -> np.ndarray:
   if backend == "cv2":
-    return _cv2().transform(image, np.asarray(matrix, np.float32).reshape(3, 4))
+    return opencv().transform(image, np.asarray(matrix, np.float32).reshape(3, 4))
   return np.asarray(Image.fromarray(np.ascontiguousarray(image)).convert("RGB", matrix))
 
 
 def _resample_cv2(window: np.ndarray, scaled_hw, out_hw, matrix, recolor_first: bool, flip: bool) -> np.ndarray:
-  cv2 = _cv2()
+  cv2 = opencv()
   (dh, dw), (out_h, out_w) = scaled_hw, out_hw
   if matrix is not None and recolor_first:
     window = recolor(window, matrix, "cv2")

@@ -5,6 +5,7 @@ the image's original size and compared with the original ground truth, so the nu
 full-resolution maps, not of resized labels.
 """
 
+import concurrent.futures
 import pathlib
 from typing import Any
 
@@ -48,38 +49,46 @@ class ModelEvaluator:
     self._predict = jax.jit(lambda state, images: predict.predict(
         model_def.eval_graph, state["params"], state["model_state"], images, is_thing, pp_config, label_divisor))
     self._compiled = None  # Compiled on the first batch (shapes are fixed by the eval crop and batch size).
+    self._capacities: dict[str, Any] = {}
 
   def evaluate(self, state: dict, step: int) -> dict[str, Any]:
     """Returns {"scalars": {...}, "table": str, "result": the full nested result}."""
     info = self._info
-    evaluator = Evaluator(info.categories, info.is_thing, info.label_divisor, shard=False)
+    # The metric's static capacities grown by earlier passes: a pass never starts below what the data needed.
+    evaluator = Evaluator(info.categories, info.is_thing, info.label_divisor, shard=False, **self._capacities)
     iterator = pipeline.make_eval_iterator(self._dataset, self._pipeline_config)
     pictures = 0
     seen = 0
+    # The ground truth of a batch is read and decoded in threads while the devices compute its predictions.
+    readers = concurrent.futures.ThreadPoolExecutor(4, "read_ground_truth")
     try:
       for local in iterator:
+        meta = _gather({k: local[k] for k in ("valid", "index", "content_hw", "original_hw")})
+        wanted = np.flatnonzero(meta["valid"])
+        if self._max_images:
+          wanted = wanted[:max(0, self._max_images - seen)]
+        ground_truths = [readers.submit(self._dataset.read_panoptic, int(meta["index"][i])) for i in wanted]
         batch = sharding.global_batch({"image": local["image"]}, self._mesh)
         if self._compiled is None:
           self._compiled = sharding.compile_together(self._predict, state, batch["image"], name=f"predict_{step}")
         # Global arrays -> numpy on every process (predictions of all processes' images).
         preds = multihost_utils.process_allgather(self._compiled(state, batch["image"]), tiled=True)
-        meta = _gather({k: local[k] for k in ("valid", "index", "content_hw", "original_hw")})
-        for i in np.flatnonzero(meta["valid"]):
-          if self._max_images and seen >= self._max_images:
-            break
+        for i, ground_truth in zip(wanted, ground_truths):
           index = int(meta["index"][i])
           prediction, scores = predictor.to_original({k: v[i] for k, v in preds.items()}, meta["content_hw"][i],
                                                      meta["original_hw"][i], info.label_divisor)
-          ground_truth = self._dataset.read_panoptic(index)
+          ground_truth = ground_truth.result()
           evaluator.add(ground_truth, prediction, scores=scores, name=self._dataset.examples[index].name)
           seen += 1
           if pictures < self._num_pictures and jax.process_index() == 0:
             self._save_picture(step, index, ground_truth, prediction)
             pictures += 1
     finally:
+      readers.shutdown(cancel_futures=True)
       if hasattr(iterator, "close"):
         iterator.close()
     result = evaluator.result()
+    self._capacities = {"max_segments": evaluator.max_segments, "mixed_fraction": evaluator.mixed_fraction}
     table = format_table(result)
     if jax.process_index() == 0:
       logging.info("Evaluation at step %d on %d images:\n%s", step, seen, table)

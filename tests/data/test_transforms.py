@@ -147,7 +147,7 @@ def test_random_geometry_keeps_labels_aligned_with_pixels(backend):
   """Colour encodes the label: wherever a pixel's label neighbourhood is uniform, its colour must be that label's."""
   pan = np.kron(_scene(24, 32), np.ones((2, 2), np.int32))  # 48x64 with 2-pixel blocks
   image, lut = _colour_of(pan)
-  if backend == "cv2" and resampling._cv2() is None:
+  if backend == "cv2" and resampling.opencv() is None:
     pytest.skip("OpenCV not installed")
   config = _no_photometric(crop_size=(33, 41), min_scale=0.6, max_scale=2.0, backend=backend)
   for seed in range(12):
@@ -174,7 +174,7 @@ def test_train_geometry_scales_and_crops():
   assert set(np.unique(out_pan)) <= set(np.unique(pan))
 
 
-BACKENDS = ["pil"] + (["cv2"] if resampling._cv2() is not None else [])
+BACKENDS = ["pil"] + (["cv2"] if resampling.opencv() is not None else [])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -190,7 +190,7 @@ def test_recolour_before_or_after_resize_agree(backend):
     np.testing.assert_array_equal(with_matrix, without)
 
 
-@pytest.mark.skipif(resampling._cv2() is None, reason="OpenCV not installed")
+@pytest.mark.skipif(resampling.opencv() is None, reason="OpenCV not installed")
 def test_backends_agree():
   pan = np.kron(_scene(24, 32), np.ones((2, 2), np.int32))
   image, _ = _colour_of(pan)

@@ -1,0 +1,106 @@
+"""Evaluation from files, as whole processes: `python -m panoptic_jax.evaluate` against hotcoco's `pq_compute`.
+
+    python bench/evaluate_cli.py                                   # 300 and 1,500 COCO-like pairs, 60 Cityscapes-like
+    python bench/evaluate_cli.py --sets coco:300 --runs 3          # one set
+
+Data (generated once into .cache/bench_evaluate_cli): COCO panoptic JSON + PNG folders for ground truth and
+predictions, made by bench/metrics.py's `make_pair` (rectangles of random categories, crowd and void; predictions
+shift, drop and relabel the GT's segments): COCO-like 480x640 with ~20 segments, Cityscapes-like 1024x2048 with ~60.
+Each tool runs as a fresh process on the same files, alternately, `--runs` times; the table gives the best wall and
+CPU seconds of each (the machine is shared) and their ratio. The PQ of both is checked equal. hotcoco computes PQ
+only; `python -m panoptic_jax.evaluate` also computes mIoU (and AP, which these predictions, without scores, skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# The environment a user's shell gives the commands (bench/metrics.py, imported below, sets JAX variables of its own).
+USER_ENV = dict(os.environ)
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from bench import common  # noqa: E402
+from bench.metrics import make_pair, write_coco  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CACHE = REPO / ".cache" / "bench_evaluate_cli"
+SHAPES = {"coco": (480, 640, 20), "cityscapes": (1024, 2048, 60)}
+HOTCOCO = ("import contextlib, io, json, sys\n"
+           "from hotcoco.panoptic import pq_compute\n"
+           "with contextlib.redirect_stdout(io.StringIO()):\n"
+           "  r = pq_compute(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4])\n"
+           "print(json.dumps({'pq': r['All']['pq']}))\n")
+
+
+def make_set(kind: str, count: int) -> dict[str, str]:
+  h, w, segments = SHAPES[kind]
+  root = CACHE / f"{kind}_{count}"
+  if not (root / "pred.json").exists():
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pairs = [make_pair(rng, h, w, segments) for _ in range(count)]
+    write_coco(root, "gt", [(p[0], p[1]) for p in pairs])
+    write_coco(root, "pred", [(p[2], p[3]) for p in pairs])
+  return {"gt_json": str(root / "gt.json"), "gt_folder": str(root / "gt"), "pred_json": str(root / "pred.json"),
+          "pred_folder": str(root / "pred")}
+
+
+def run(command: list[str]) -> tuple[float, float, str]:
+  """(wall seconds, CPU seconds of the child processes, stdout) of one fresh process."""
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  start = time.perf_counter()
+  done = subprocess.run(command, capture_output=True, text=True, env=dict(USER_ENV, PYTHONPATH=str(REPO)))
+  wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  if done.returncode:
+    raise SystemExit(f"{command[:4]} failed:\n{done.stderr[-3000:]}")
+  return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sets", nargs="+", default=["coco:300", "coco:1500", "cityscapes:60"])
+  parser.add_argument("--runs", type=int, default=3)
+  args = parser.parse_args()
+  print(common.header("Evaluation from files, whole processes"))
+  rows = []
+  for spec in args.sets:
+    kind, count = spec.split(":")
+    files = make_set(kind, int(count))
+    ours_cmd = [sys.executable, "-m", "panoptic_jax.evaluate", "--gt_json", files["gt_json"], "--gt_folder",
+                files["gt_folder"], "--pred_json", files["pred_json"], "--pred_folder", files["pred_folder"]]
+    out = pathlib.Path(tempfile.mkdtemp()) / "result.json"
+    ours_cmd += ["--out", str(out)]
+    hot_cmd = [sys.executable, "-c", HOTCOCO, files["gt_json"], files["pred_json"], files["gt_folder"],
+               files["pred_folder"]]
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(args.runs):
+      for name, command in (("ours", ours_cmd), ("hotcoco", hot_cmd)):
+        wall, cpu, stdout = run(command)
+        if name not in best or wall < best[name][0]:
+          best[name] = (wall, cpu)
+        if name == "hotcoco":
+          hot_pq = json.loads(stdout.strip().splitlines()[-1])["pq"]
+    ours_pq = json.loads(out.read_text())["panoptic"]["All"]["pq"]
+    assert abs(ours_pq - hot_pq) < 1e-9, (spec, ours_pq, hot_pq)
+    h, w, _ = SHAPES[kind]
+    rows.append([f"{kind} {h}x{w}", count, f"{best['ours'][0]:.2f} ({best['ours'][1]:.2f})",
+                 f"{best['hotcoco'][0]:.2f} ({best['hotcoco'][1]:.2f})", f"{best['ours'][0] / best['hotcoco'][0]:.2f}",
+                 f"{abs(ours_pq - hot_pq):.1e}"])
+  print(common.markdown_table(["set", "images", "ours: wall s (CPU s)", "hotcoco: wall s (CPU s)",
+                               "wall ratio (ours / hotcoco)", "|dPQ|"], rows))
+
+
+if __name__ == "__main__":
+  main()
