@@ -68,10 +68,59 @@ def run(command: list[str]) -> tuple[float, float, str]:
   return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), done.stdout
 
 
+def profile(files: dict[str, str], count: int = 100) -> list[list]:
+  """ms per image of each stage of `evaluate` on the first `count` images, in this process, one thread."""
+  import cv2
+  from PIL import Image
+
+  from panoptic_jax.data.resampling import opencv
+  from panoptic_jax.evaluation import coco_format, evaluator as evaluator_lib
+  gt = evaluator_lib.open_coco_side(files["gt_json"], files["gt_folder"])
+  pred = evaluator_lib.open_coco_side(files["pred_json"], files["pred_folder"], gt.coco)
+  keys = gt.names[:count]
+  paths = [f"{files[side + '_folder']}/{k}.png" for k in keys for side in ("gt", "pred")]
+  opencv()  # One OpenCV thread, as evaluate runs it (its threads parallelise over images).
+  mapping = evaluator_lib._category_mapping(gt, pred)  # pylint: disable=protected-access
+
+  def per_image(fn) -> float:
+    start = time.perf_counter()
+    for item in fn():
+      pass
+    return 1e3 * (time.perf_counter() - start) / len(keys)
+
+  rgba = [coco_format._decode_rgba(p) for p in paths]  # pylint: disable=protected-access
+  ids = [x.view("<u4")[..., 0] & 0xFFFFFF for x in rgba]
+  loaded = [(evaluator_lib._load(gt, k, True, gt, None), evaluator_lib._load(pred, k, False, gt, mapping))  # noqa
+            for k in keys]
+  rows = [
+      ["PNG decode, Pillow (2 PNGs)", per_image(lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths))],
+      ["PNG decode, OpenCV (2 PNGs)", per_image(lambda: (cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR)
+                                                       for p in paths))],
+      ["RGB -> segment ids (2 maps)", per_image(lambda: (x.view("<u4")[..., 0] & 0xFFFFFF for x in rgba))],
+      ["whole COCO read into canonical maps (2 sides, decode included)",
+       per_image(lambda: ((evaluator_lib._load(gt, k, True, gt, None), evaluator_lib._load(pred, k, False, gt, mapping))
+                          for k in keys))],
+  ]
+  evaluator = evaluator_lib.Evaluator(gt.categories, gt.is_thing, gt.label_divisor)
+  for (g, p) in loaded[:evaluator.batch_size]:
+    evaluator.add(g[0], p[0], g[1])
+  evaluator.flush()  # Compiles.
+
+  def add_all():
+    for (g, p) in loaded:
+      evaluator.add(g[0], p[0], g[1])
+      yield
+    evaluator.flush()
+  rows.append(["checks, batching and the jitted PQ + confusion (both cores)", per_image(add_all)])
+  del ids
+  return [[name, f"{ms:.2f}"] for name, ms in rows]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sets", nargs="+", default=["coco:300", "coco:1500", "cityscapes:60"])
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--profile", action="store_true", help="also the ms per image of each stage (first set)")
   args = parser.parse_args()
   print(common.header("Evaluation from files, whole processes"))
   rows = []
@@ -100,6 +149,10 @@ def main() -> None:
                  f"{abs(ours_pq - hot_pq):.1e}"])
   print(common.markdown_table(["set", "images", "ours: wall s (CPU s)", "hotcoco: wall s (CPU s)",
                                "wall ratio (ours / hotcoco)", "|dPQ|"], rows))
+  if args.profile:
+    kind, count = args.sets[0].split(":")
+    print(f"\nWhere the time of one image goes ({kind}, one thread unless said):\n")
+    print(common.markdown_table(["stage", "ms per image"], profile(make_set(kind, int(count)))))
 
 
 if __name__ == "__main__":

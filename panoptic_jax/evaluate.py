@@ -19,11 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from panoptic_jax import cli
-from panoptic_jax.evaluation import evaluator as evaluator_lib
-from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
+from panoptic_jax import cli, host_memory
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +42,17 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _side(parser, args, which: str, reference: CocoPanoptic | None = None) -> evaluator_lib.Side:
+def _one_device_per_core() -> None:
+  """On a CPU-only host, one JAX CPU device per core: the metric splits each batch of images over the devices
+  (XLA:CPU would run one image's work on one core). Before JAX is imported; a device count given in XLA_FLAGS
+  stands."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if host_memory.cpu_only(dict(os.environ)) and "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
+
+
+def _side(parser, args, which: str, reference=None):
+  from panoptic_jax.evaluation import evaluator as evaluator_lib
   location, json_path, folder = getattr(args, which), getattr(args, f"{which}_json"), getattr(args, f"{which}_folder")
   if (location is None) == (json_path is None):
     parser.error(f"give exactly one of --{which} (project format) or --{which}_json (COCO panoptic format)")
@@ -58,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  _one_device_per_core()
+  from panoptic_jax.evaluation import evaluator as evaluator_lib  # Imports JAX.
+  from panoptic_jax.evaluation.coco_format import CocoFormatError
   cli.initialise_jax()  # The persistent compilation cache: later runs skip compiling the metric.
   try:
     gt = _side(parser, args, "gt")

@@ -28,7 +28,7 @@ from panoptic_jax.errors import UserError
 from panoptic_jax.evaluation import instance as instance_lib
 from panoptic_jax.evaluation import semantic as semantic_lib
 from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
-from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator, aligned_full,
+from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator, aligned_empty,
                                                       panoptic_stats)
 
 MAX_SEGMENTS_LIMIT = 2048
@@ -121,15 +121,24 @@ class Evaluator:
     h = _round_up(max(i[1].shape[0] for i in items), self.pad_multiple)
     w = _round_up(max(i[1].shape[1] for i in items), self.pad_multiple)
     b = self.batch_size
-    # Aligned: device_put aliases them instead of copying (a copy costs more than the statistics).
-    gt = aligned_full((b, h, w), VOID)
-    pred = aligned_full((b, h, w), VOID)
-    crowd = None if all(i[3] is None for i in items) else aligned_full((b, h, w), NO_CROWD)
-    for k, (_, g, p, cr) in enumerate(items):
-      gt[k, :g.shape[0], :g.shape[1]] = g
-      pred[k, :p.shape[0], :p.shape[1]] = p
-      if cr is not None:
-        crowd[k, :g.shape[0], :g.shape[1]] = cr
+    # Aligned: device_put aliases them instead of copying (a copy costs more than the statistics). Each image is
+    # copied in and only the rest is filled: filling whole buffers first would write every pixel twice.
+    with_crowd = any(i[3] is not None for i in items)
+    buffers = [(aligned_empty((b, h, w)), VOID, 1), (aligned_empty((b, h, w)), VOID, 2)]
+    if with_crowd:
+      buffers.append((aligned_empty((b, h, w)), NO_CROWD, 3))
+    for buffer, fill, field in buffers:
+      for k in range(b):
+        image = items[k][field] if k < len(items) else None
+        if image is None:
+          buffer[k].fill(fill)
+          continue
+        ih, iw = image.shape
+        buffer[k, :ih, :iw] = image
+        buffer[k, ih:].fill(fill)
+        buffer[k, :ih, iw:].fill(fill)
+    gt, pred = buffers[0][0], buffers[1][0]
+    crowd = buffers[2][0] if with_crowd else None
     names = [i[0] for i in items] + [f"padding {k}" for k in range(b - len(items))]
     valid = np.arange(b) < len(items)
     if self._sharding is not None:

@@ -76,8 +76,8 @@ MIXED = -1
 INIT = -2
 
 
-def aligned_full(shape: Sequence[int], fill_value: int, dtype: np.dtype = np.int32) -> np.ndarray:
-  """np.full(shape, fill_value, dtype) with its data on a HOST_ALIGNMENT-byte boundary (see the module docstring).
+def aligned_empty(shape: Sequence[int], dtype: np.dtype = np.int32) -> np.ndarray:
+  """np.empty(shape, dtype) with its data on a HOST_ALIGNMENT-byte boundary (see the module docstring).
 
   `jax.device_put` on CPU then shares the memory instead of copying it: do not write to the array after that.
   """
@@ -85,7 +85,12 @@ def aligned_full(shape: Sequence[int], fill_value: int, dtype: np.dtype = np.int
   size = math.prod(shape) * dtype.itemsize
   raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
   start = -raw.ctypes.data % HOST_ALIGNMENT
-  out = raw[start:start + size].view(dtype).reshape(shape)
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def aligned_full(shape: Sequence[int], fill_value: int, dtype: np.dtype = np.int32) -> np.ndarray:
+  """np.full(shape, fill_value, dtype) on a HOST_ALIGNMENT-byte boundary (`aligned_empty`)."""
+  out = aligned_empty(shape, dtype)
   out.fill(fill_value)
   return out
 
