@@ -1,7 +1,7 @@
 """Evaluation from files, as whole processes: `python -m panoptic_jax.evaluate` against hotcoco's `pq_compute`.
 
     python bench/evaluate_cli.py                                   # 300 and 1,500 COCO-like pairs, 60 Cityscapes-like
-    python bench/evaluate_cli.py --sets coco:300 --runs 3          # one set
+    python bench/evaluate_cli.py --sets coco:300 --runs 3 --s3     # one set; also local against S3
 
 Data (generated once into .cache/bench_evaluate_cli): COCO panoptic JSON + PNG folders for ground truth and
 predictions, made by bench/metrics.py's `make_pair` (rectangles of random categories, crowd and void; predictions
@@ -56,11 +56,12 @@ def make_set(kind: str, count: int) -> dict[str, str]:
           "pred_folder": str(root / "pred")}
 
 
-def run(command: list[str]) -> tuple[float, float, str]:
+def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
   """(wall seconds, CPU seconds of the child processes, stdout) of one fresh process."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
-  done = subprocess.run(command, capture_output=True, text=True, env=dict(USER_ENV, PYTHONPATH=str(REPO)))
+  done = subprocess.run(command, capture_output=True, text=True,
+                        env=dict(USER_ENV, PYTHONPATH=str(REPO), **(env or {})))
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   if done.returncode:
@@ -116,11 +117,61 @@ def profile(files: dict[str, str], count: int = 100) -> list[list]:
   return [[name, f"{ms:.2f}"] for name, ms in rows]
 
 
+def make_datasets(files: dict[str, str], root: pathlib.Path) -> tuple[str, str]:
+  """The set in the project's format (crowd regions become void): (GT folder, prediction folder)."""
+  from panoptic_jax.data import dataset_format as fmt
+  from panoptic_jax.evaluation import evaluator as evaluator_lib
+  gt = evaluator_lib.open_coco_side(files["gt_json"], files["gt_folder"])
+  pred = evaluator_lib.open_coco_side(files["pred_json"], files["pred_folder"], gt.coco)
+  colors = tuple((40 + 5 * k, 255 - 5 * k, 100 + 3 * k) for k in range(len(gt.categories)))
+  info = fmt.DatasetInfo(tuple(gt.categories), colors, tuple(gt.is_thing))
+  folders = []
+  for name, side in (("gt", gt), ("pred", pred)):
+    folder = root / name
+    if not (folder / "metadata.yaml").exists():
+      (folder / info.annotations).mkdir(parents=True, exist_ok=True)
+      index = {cid: k for k, cid in enumerate(gt.category_ids)}
+      for key in side.names:
+        panoptic = side.coco.load(key, index, info.label_divisor, name == "gt").panoptic
+        (folder / info.annotations / f"{key}.tif").write_bytes(fmt.encode_annotation(panoptic, info))
+      (folder / "metadata.yaml").write_text(fmt.metadata_yaml(info))
+    folders.append(str(folder))
+  return folders[0], folders[1]
+
+
+def s3_against_local(files: dict[str, str], root: pathlib.Path, runs: int) -> list:
+  """`evaluate` of the project-format copies from a local folder and from a SeaweedFS server on loopback."""
+  from tests.s3_server import start_server, stop_server
+  gt, pred = make_datasets(files, root)
+  server = start_server()
+  try:
+    fs = server.filesystem()
+    fs.mkdir("bench")
+    for local in (gt, pred):
+      fs.put(local + "/", f"bench/{pathlib.Path(local).name}/", recursive=True)
+    evaluate = [sys.executable, "-m", "panoptic_jax.evaluate"]
+    s3 = evaluate + ["--gt", "s3://bench/gt", "--pred", "s3://bench/pred", "--endpoint_url", server.endpoint_url]
+    commands = {"local": evaluate + ["--gt", gt, "--pred", pred], "S3": s3,
+                "S3, 16 reader threads": s3 + ["--workers", "16"]}
+    best: dict[str, tuple[float, float]] = {}
+    for _ in range(runs):
+      for name, command in commands.items():
+        wall, cpu, _ = run(command, server.env())
+        if name not in best or wall < best[name][0]:
+          best[name] = (wall, cpu)
+  finally:
+    stop_server(server)
+  return [[f"{name}", f"{wall:.2f} ({cpu:.2f})", f"{wall / best['local'][0]:.2f}"]
+          for name, (wall, cpu) in best.items()]
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sets", nargs="+", default=["coco:300", "coco:1500", "cityscapes:60"])
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--profile", action="store_true", help="also the ms per image of each stage (first set)")
+  parser.add_argument("--s3", action="store_true",
+                      help="also the first set in the project's format, read locally and from SeaweedFS")
   args = parser.parse_args()
   print(common.header("Evaluation from files, whole processes"))
   rows = []
@@ -153,6 +204,11 @@ def main() -> None:
     kind, count = args.sets[0].split(":")
     print(f"\nWhere the time of one image goes ({kind}, one thread unless said):\n")
     print(common.markdown_table(["stage", "ms per image"], profile(make_set(kind, int(count)))))
+  if args.s3:
+    kind, count = args.sets[0].split(":")
+    print(f"\nThe {kind} set of {count} images in the project's format (TIFF maps), read locally and from S3:\n")
+    rows = s3_against_local(make_set(kind, int(count)), CACHE / f"{kind}_{count}_dataset", args.runs)
+    print(common.markdown_table(["location", "wall s (CPU s)", "wall / local"], rows))
 
 
 if __name__ == "__main__":
