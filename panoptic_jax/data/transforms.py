@@ -53,7 +53,6 @@ import math
 
 import grain
 import numpy as np
-from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.resampling import BACKENDS, PAD_PIXEL, recolor, resize_and_pad, resolve_backend, scale_crop

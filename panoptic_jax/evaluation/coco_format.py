@@ -158,14 +158,14 @@ class CocoPanoptic:
     ids = self.read_ids(key)
     # A table of the listed ids and 0: each pixel finds its entry through its id's low 16 bits (or, when two listed
     # ids share them, by binary search), far cheaper than sorting the image's pixels to find the ids present.
-    listed_ids = []
+    parsed = []
     for seg in ann["segments_info"]:
       try:
-        listed_ids.append(int(seg["id"]))
+        parsed.append((int(seg["id"]), int(seg["category_id"]), seg))
       except (KeyError, TypeError, ValueError):
         raise CocoFormatError(f"{where}: segment {seg!r} needs 'id' and 'category_id'") from None
     # Ids of 2^24 and above cannot occur in a PNG; they stay out of the table (so count as absent).
-    table = np.unique(np.array([i for i in listed_ids if 0 <= i < 1 << 24] + [0], np.uint32))
+    table = np.unique(np.array([sid for sid, _, _ in parsed if 0 <= sid < 1 << 24] + [0], np.uint32))
     entry = _entries(table, ids)
     known = table[entry] == ids
     all_known = bool(known.all())
@@ -181,11 +181,7 @@ class CocoPanoptic:
     listed = set()
     segments = []
     missing_fn: dict[int, int] = {}
-    for seg in ann["segments_info"]:
-      try:
-        sid, cid = int(seg["id"]), int(seg["category_id"])
-      except (KeyError, TypeError, ValueError):
-        raise CocoFormatError(f"{where}: segment {seg!r} needs 'id' and 'category_id'") from None
+    for sid, cid, seg in parsed:
       if sid in listed:
         raise CocoFormatError(f"{where}: segment id {sid} is listed twice")
       listed.add(sid)

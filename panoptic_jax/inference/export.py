@@ -31,6 +31,7 @@ import panoptic_jax
 from panoptic_jax.inference import predict
 from panoptic_jax.inference.serving import FORMAT_VERSION, MANIFEST
 from panoptic_jax.inference.trained_model import TrainedModel
+from panoptic_jax.training import checkpoint
 
 FUNCTION = "model.jaxexport"
 WEIGHTS = "weights.npz"
@@ -46,18 +47,14 @@ OUTPUTS = {
 
 
 def _weights_tree(model: TrainedModel) -> tuple[list[str], list[jax.Array], Any]:
-  """The parameters and the rest of the state as (names, arrays, treedef); names like
-  "params/backbone/stem/conv/kernel" (the variables' "value" leaves unnamed)."""
+  """The parameters and the rest of the state as (names, arrays, treedef); names as checkpoints name them,
+  "params.backbone.stem.conv.kernel"."""
   paths, treedef = jax.tree_util.tree_flatten_with_path({"params": model.params, "model_state": model.model_state})
-  names = []
-  for path, _ in paths:
-    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    names.append("/".join(keys[:-1] if keys[-1] == "value" else keys))
-  return names, [leaf for _, leaf in paths], treedef
+  return [checkpoint.leaf_name(path) for path, _ in paths], [leaf for _, leaf in paths], treedef
 
 
 def flat_weights(model: TrainedModel) -> dict[str, np.ndarray]:
-  """name -> numpy array of the parameters ("params/...") and the rest of the state ("model_state/...")."""
+  """name -> numpy array of the parameters ("params.<path>") and the rest of the state ("model_state.<path>")."""
   names, leaves, _ = _weights_tree(model)
   return dict(zip(names, (np.asarray(x) for x in jax.device_get(leaves))))
 

@@ -155,5 +155,4 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
   state, restored_step = restored
   spec = ModelSpec(info=info, crop_size=tuple(config.input.crop_size), resize_to_crop=bool(config.input.resize_to_crop),
                    postprocess=postprocess.get_preset(config.eval.postprocess))
-  graph = nnx.split(abstract)[0]  # The full eval graph (`predict.predict` merges params and the rest into it).
   return TrainedModel(str(wd.path), restored_step, config, spec, graph, state["params"], state["model_state"], mesh)

@@ -68,14 +68,14 @@ class CheckpointNotFoundError(UserError, LookupError):
   """No checkpoint at the step asked for."""
 
 
-def _leaf_name(path) -> str:
+def leaf_name(path) -> str:
   """`params.backbone.stem.conv.kernel` for a tree path (dict keys, indices and attributes alike)."""
   names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
   return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
 def _by_name(tree) -> dict[str, Any]:
-  return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _stored(leaf) -> tuple[tuple[int, ...], str]:
@@ -86,7 +86,7 @@ def _stored(leaf) -> tuple[tuple[int, ...], str]:
 
 
 def _leaves(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {_leaf_name(path): _stored(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {leaf_name(path): _stored(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def first_mismatch(saved, target) -> str | None:
@@ -202,7 +202,7 @@ class Checkpointer:
       # Restored in the checkpoint's own tree and matched to the target by array name: containers without arrays
       # (e.g. an optimizer's empty states) may differ between the code that saved and the code that restores.
       target = _by_name(abstract_state)
-      in_saved_tree = jax.tree_util.tree_map_with_path(lambda path, _: target[_leaf_name(path)], saved)
+      in_saved_tree = jax.tree_util.tree_map_with_path(lambda path, _: target[leaf_name(path)], saved)
       items = {"state": ocp.args.PyTreeRestore(
           in_saved_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(in_saved_tree),
           partial_restore=partial)}
@@ -215,7 +215,7 @@ class Checkpointer:
         continue
       arrays = _by_name(restored["state"])
       paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-      return jax.tree_util.tree_unflatten(treedef, [arrays[_leaf_name(path)] for path, _ in paths]), step
+      return jax.tree_util.tree_unflatten(treedef, [arrays[leaf_name(path)] for path, _ in paths]), step
     return None
 
   def _skip(self, step: int, why: str, error: Exception) -> None:
