@@ -61,6 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # "bfloat16": bf16 compute with float32 parameters.
   config.model.remat = False  # Recompute activations per stage in the backward pass (less memory, slower).
   config.model.num_slots = 0  # Mask slots (at most this many segments per image); 0: the preset's (128 / 256).
+  # Weights a run starts from when it has no checkpoint of its own: an ImageNet backbone, a published kMaX model or
+  # another run's workdir (panoptic_jax/weights/init_from.py). Local path or s3://.
+  config.model.init_from = ""
+  config.model.init_from_exclude = ""  # A regex: our variables / the file's tensors it matches are not imported.
 
   augment = transforms.AugmentConfig()
   config.input = ml_collections.ConfigDict({name: getattr(augment, name) for name in _INPUT_FIELDS})

@@ -30,6 +30,7 @@ from panoptic_jax.training import checkpoint, data_health, eval_loop, losses, op
 from panoptic_jax.training import config as config_lib
 from panoptic_jax.training import workdir as workdir_lib
 from panoptic_jax.training.metrics_writer import MetricsWriter, Progress
+from panoptic_jax.weights import init_from
 
 State = dict[str, Any]
 
@@ -259,6 +260,12 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
   elif mode == "eval":
     raise workdir_lib.WorkdirError(f"--mode=eval: no checkpoint in {wd.checkpoints} reads back whole (see the "
                                    "warnings above); nothing to evaluate")
+  elif config.model.init_from:
+    state, report = init_from.initialise(state, config.model.init_from, model_def.arch, info.num_classes,
+                                         class_names=info.categories, exclude=config.model.init_from_exclude,
+                                         endpoint_url=config.dataset.endpoint_url or None)
+    if jax.process_index() == 0:
+      init_from.write_report(report, wd)
   # A resumed run writes the steps after its checkpoint again: their earlier rows go (one row per step).
   writer = MetricsWriter(str(wd.path), after_step=int(state["step"]) if mode != "eval" else None)
   evaluator = None

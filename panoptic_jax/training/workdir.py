@@ -37,9 +37,11 @@ LOCK = "lock"
 
 # Fields a resumed or evaluated run may change: how it runs, logs, checkpoints and evaluates, and on which devices.
 # `train.steps` is among them (a run may be extended): the learning-rate schedule then changes from that step on.
+# `model.init_from*` only act when a run starts without a checkpoint, so a resumed run may name the file elsewhere.
 SAFE_OVERRIDES = ("eval.", "mesh.", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                   "train.eval_every", "train.steps", "input.num_workers", "dataset.val", "dataset.endpoint_url",
-                  "dataset.storage_retry_s", "dataset.synthetic.cache_dir")
+                  "dataset.storage_retry_s", "dataset.synthetic.cache_dir", "model.init_from",
+                  "model.init_from_exclude")
 
 
 class WorkdirError(UserError, RuntimeError):
