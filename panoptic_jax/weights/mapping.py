@@ -44,9 +44,7 @@ def torch_kernel(w: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def folded_scale(eps: float) -> Convert:
-  """BatchNorm `(weight, running_var)` -> our scale, with the file's epsilon `eps` folded in (see module doc)."""
-  if eps == layers.BN_EPSILON:
-    return lambda w, var: w
+  """BatchNorm `(weight, running_var)` of a file whose epsilon is `eps` -> our scale (see module doc)."""
   return lambda w, var: (w * np.sqrt(var.astype(np.float64) + layers.BN_EPSILON)
                          / np.sqrt(var.astype(np.float64) + eps)).astype(w.dtype)
 
@@ -73,8 +71,11 @@ def tensor(target: str, source: str, *, classes: bool = False) -> Entry:
 
 
 def batch_norm(ours: str, theirs: str, eps: float) -> list[Entry]:
-  """`ours.{scale, bias, mean, var}` from `theirs.{weight, bias, running_mean, running_var}`."""
-  return [Entry(f"{ours}.scale", (f"{theirs}.weight", f"{theirs}.running_var"), folded_scale(eps)),
+  """`ours.{scale, bias, mean, var}` from `theirs.{weight, bias, running_mean, running_var}` (the scale also from
+  the variance when the epsilons differ)."""
+  scale = (Entry(f"{ours}.scale", (f"{theirs}.weight",)) if eps == layers.BN_EPSILON else
+           Entry(f"{ours}.scale", (f"{theirs}.weight", f"{theirs}.running_var"), folded_scale(eps)))
+  return [scale,
           tensor(f"{ours}.bias", f"{theirs}.bias"),
           tensor(f"{ours}.mean", f"{theirs}.running_mean"),
           tensor(f"{ours}.var", f"{theirs}.running_var")]
