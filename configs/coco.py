@@ -4,6 +4,10 @@ r"""kMaX-DeepLab ResNet-50 on COCO panoptic: DeepLab2's published recipe (53.0 P
   python -m panoptic_jax.main --config=configs/coco.py --workdir=runs/coco_r50 \
       --config.dataset.train=data/coco/train --config.dataset.val=data/coco/val
 
+The backbone starts from ImageNet: `weights/R-50.pkl` is the ResNet-50 that the authors' PyTorch port starts from
+(torchvision's weights in detectron2's names; README, "Start from published weights", says where to get it). A run
+with the file missing stops before building anything; `--config.model.init_from=''` trains from scratch instead.
+
 The base (panoptic_jax/training/config.py) holds the losses and the optimiser of the recipe; this file what is
 specific to COCO.
 """
@@ -14,6 +18,7 @@ from panoptic_jax.training.config import base_config
 def get_config():
   config = base_config()
   config.model.preset = "kmax_r50_coco"
+  config.model.init_from = "weights/R-50.pkl"  # ImageNet ResNet-50 (torchvision, detectron2 names).
   config.input.crop_size = (1281, 1281)
   config.input.min_scale = 0.3
   config.input.max_scale = 1.7

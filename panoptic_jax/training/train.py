@@ -222,6 +222,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
   if mode == "eval" and not has_checkpoint:
     raise workdir_lib.WorkdirError(f"--mode=eval: {wd} holds no checkpoint to evaluate (no finished step in "
                                    f"{wd.checkpoints}); train first, or point --workdir at a trained run")
+  if not has_checkpoint and mode != "eval" and config.model.init_from:
+    init_from.check_source(config.model.init_from, config.dataset.endpoint_url or None)
   if has_checkpoint:
     for change in wd.check_config(config):
       logging.info("Config override for this %s: %s", "evaluation" if mode == "eval" else "resumed run", change)

@@ -35,13 +35,27 @@ def _is_workdir(location: str) -> bool:
   return "://" not in location and os.path.isdir(location)
 
 
+def check_source(location: str, endpoint_url: str | None = None) -> None:
+  """Raises WeightsImportError when `location` is neither a weights file nor a run's workdir: called before
+  anything is built or compiled, so that a path left unfilled in a recipe fails at once."""
+  if _is_workdir(location):
+    if workdir_lib.Workdir(location).read_run() is None:
+      raise importer.WeightsImportError(f"config.model.init_from: {location} is a folder without "
+                                        f"{workdir_lib.CONFIG}; expected a weights file or a training run's workdir")
+    return
+  storage, name = readers.open_file_location(location, endpoint_url)
+  if not storage.exists(name):
+    raise importer.WeightsImportError(
+        f"config.model.init_from: no weights file at {location}; download it from the project that publishes it "
+        "(README, 'Start from published weights': nothing is downloaded at run time), or set "
+        "--config.model.init_from='' to start from random weights")
+
+
 def read_source(location: str, endpoint_url: str | None = None) -> Source:
   """The tensors of a weights file or of a workdir's newest checkpoint (names as `checkpoint.leaf_name`)."""
+  check_source(location, endpoint_url)
   if not _is_workdir(location):
     return Source(readers.read_tensors(location, endpoint_url))
-  if workdir_lib.Workdir(location).read_run() is None:
-    raise importer.WeightsImportError(f"{location}: a folder without {workdir_lib.CONFIG}; expected a weights file "
-                                      "(.pth, .pkl, .safetensors, .npz) or a training run's workdir")
   from panoptic_jax.inference import trained_model  # The model-building stack, only for this kind of source.
   trained = trained_model.load(location)
   tree = {"params": trained.params, "model_state": trained.model_state}

@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from panoptic_jax.data.storage import open_storage
+from panoptic_jax.data.storage import Storage, open_storage
 from panoptic_jax.errors import UserError
 
 # Keys under which checkpoints keep their weights (torch / timm / mmcv, deepspeed, Detectron's Caffe2 `blobs`).
@@ -313,6 +313,15 @@ def _has_arrays(tree: Any) -> bool:
   return _as_array(tree) is not None
 
 
+def open_file_location(location: str | os.PathLike[str], endpoint_url: str | None = None) -> tuple[Storage, str]:
+  """The storage of a file's folder and the file's name in it (a local path, `file://` or `s3://` location)."""
+  location = os.fspath(location)
+  parent, name = location.rpartition("/")[::2] if "://" in location else os.path.split(location)
+  if not name:
+    raise WeightsFileError(f"{location}: expected the location of a weights file, found a folder")
+  return open_storage(parent or ".", endpoint_url), name
+
+
 def read_tensors(location: "str | os.PathLike[str]", endpoint_url: str | None = None) -> dict[str, np.ndarray]:
   """Reads a weights file into {name: array}; see the module docstring for the formats.
 
@@ -329,11 +338,7 @@ def read_tensors(location: "str | os.PathLike[str]", endpoint_url: str | None = 
     UnsafeCheckpointError: a pickle in the file names a global other than the array builders.
     WeightsFileError: the file is empty, corrupt, in an unknown format, or holds no arrays.
   """
-  location = os.fspath(location)
-  parent, name = location.rpartition("/")[::2] if "://" in location else os.path.split(location)
-  if not name:
-    raise WeightsFileError(f"{location}: expected the location of a weights file, found a folder")
-  storage = open_storage(parent or ".", endpoint_url)
+  storage, name = open_file_location(location, endpoint_url)
   url = storage.url(name)
   tree = _decode(storage.read_bytes(name), url)
   if not isinstance(tree, Mapping):

@@ -166,3 +166,9 @@ def test_a_run_starting_from_an_imported_backbone_learns_faster(tmp_path):
                     model__init_from=str(tmp_path / "gone"), train__steps=th.STEPS + 2)
   assert not (workdir / init_from.REPORT).exists()
   print("losses from scratch", scratch, "from the imported backbone", started)
+
+
+def test_a_missing_weights_file_stops_the_run_before_anything_is_built(tmp_path):
+  with pytest.raises(importer.WeightsImportError, match=r"no weights file at .*R-50\.pkl.*README"):
+    th.run_in_process(tmp_path / "run", "train", model__init_from=str(tmp_path / "weights" / "R-50.pkl"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
