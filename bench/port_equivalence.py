@@ -10,7 +10,8 @@ port's tensors, NCHW) and `meta.json` (config, size, the panoptic segments). The
 `panoptic_jax.weights` (`kmax_port` scheme, COCO class rows), the model runs in eval mode on the same images, and
 the table lists, per tensor, max |ours - port| next to max |port|:
 
-- the backbone features (strides 4..32) and the pixel decoder's outputs;
+- the backbone features (strides 4..32) and the pixel decoder's outputs (and, when the run folder holds
+  `pixel_decoder_os16_blocks.npz` with each block's input and output, the stride-16 stage's axial blocks one by one);
 - per kMaX layer and for the final predictor: class logits, mask logits (at the layer's own stride) and pixel
   embeddings;
 - the panoptic maps: the port's `panoptic_seg` against our `postprocess` (the port's thresholds: COCO's, no area
@@ -192,6 +193,15 @@ def compare(run: pathlib.Path) -> list[tuple[str, float, float, float]]:
   merge = dataclasses.replace(postprocess.get_preset("coco"), thing_area_limit=0, stuff_area_limit=0)
   is_thing = jnp.arange(len(kmax_port.COCO_PANOPTIC)) < 80
   size = images.shape[1:3]
+  blocks_file = run / "pixel_decoder_os16_blocks.npz"
+  if blocks_file.exists():  # Optional: the stride-16 stage's blocks one by one, on the port's input to each.
+    blocks = np.load(blocks_file)
+    for j, block in enumerate(model.pixel_decoder.stages[1].blocks):
+      theirs = np.transpose(blocks[f"block{j}_out"], (0, 2, 3, 1))
+      mine = np.asarray(jax.jit(block)(_ours(blocks[f"block{j}_in"])))
+      rows.append((f"pixel_decoder_os16_block{j}", float(np.max(np.abs(mine - theirs))), float("nan"),
+                   float(np.max(np.abs(theirs)))))
+
   def maps(mask_logits, class_logits) -> np.ndarray:
     out = postprocess.postprocess(jnp.asarray(mask_logits), jnp.asarray(class_logits), size, is_thing, merge,
                                   LABEL_DIVISOR)["panoptic"]
