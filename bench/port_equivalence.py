@@ -7,8 +7,9 @@ A PORT_RUN folder is what a throwaway build of the port (bytedance/kmax-deeplab,
 BENCHMARKS.md for how it was made) wrote for one model and size: `state_dict.pth` (`torch.save(model.state_dict())`
 of the port's model with random weights, eval mode), `images.npy` (uint8 `[B, S, S, 3]`, RGB), `outputs.npz` (the
 port's tensors, NCHW) and `meta.json` (config, size, the panoptic segments). The state dict is imported with
-`panoptic_jax.weights` (`kmax_port` scheme, COCO class rows), the model runs in eval mode on the same images, and
-the table lists, per tensor, max |ours - port| next to max |port|:
+`panoptic_jax.weights` (`kmax_port` scheme; `PORT_MODELS` says which preset and label space each of the port's
+configs is), the model runs in eval mode on the same images, and the table lists, per tensor, max |ours - port| next
+to max |port|:
 
 - the backbone features (strides 4..32) and the pixel decoder's outputs (and, when the run folder holds
   `pixel_decoder_os16_blocks.npz` with each block's input and output, the stride-16 stage's axial blocks one by one);
@@ -41,12 +42,37 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from panoptic_jax import cli  # noqa: E402
+from panoptic_jax.data.convert import cityscapes  # noqa: E402
 from panoptic_jax.inference import postprocess  # noqa: E402
-from panoptic_jax.model import kmax_deeplab  # noqa: E402
+from panoptic_jax.model import kmax_deeplab, layers  # noqa: E402
 from panoptic_jax.weights import importer, kmax_port, readers  # noqa: E402
 
-PRESETS = {"kmax_r50.yaml": "kmax_r50_coco", "kmax_convnext_base.yaml": "kmax_convnext_b_coco"}
 LABEL_DIVISOR = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class PortModel:
+  """What one of the port's configs is here: our preset, its class names and things, its merge thresholds."""
+  preset: str
+  class_names: tuple[str, ...]
+  is_thing: tuple[bool, ...]
+  postprocess: str
+
+
+_COCO_THINGS = tuple(i < 80 for i in range(len(kmax_port.COCO_PANOPTIC)))
+_CITYSCAPES_THINGS = tuple(label.is_thing for label in cityscapes.LABELS)
+# The port's config (dataset folder / file name) -> ours.
+PORT_MODELS = {
+    "coco/kmax_r50.yaml": PortModel("kmax_r50_coco", kmax_port.COCO_PANOPTIC, _COCO_THINGS, "coco"),
+    "coco/kmax_convnext_base.yaml": PortModel("kmax_convnext_b_coco", kmax_port.COCO_PANOPTIC, _COCO_THINGS, "coco"),
+    "cityscapes/kmax_r50.yaml": PortModel("kmax_r50_cityscapes_port", kmax_port.CITYSCAPES, _CITYSCAPES_THINGS,
+                                          "cityscapes"),
+}
+
+
+def port_model(config: str) -> PortModel:
+  parts = pathlib.Path(config).parts
+  return PORT_MODELS[f"{parts[-3]}/{parts[-1]}"]
 
 
 def _nhwc(x: np.ndarray) -> np.ndarray:
@@ -60,6 +86,8 @@ def forward_stages(model: kmax_deeplab.KMaXDeepLab, images: jax.Array) -> dict[s
   feats = model.backbone(images.astype(jnp.float32) / 127.5 - 1.0)
   for stride, name in ((4, "res2"), (8, "res3"), (16, "res4"), (32, "res5")):
     out[f"backbone_{name}"] = feats[stride]
+  if model.pixel_decoder.pooled:
+    out["backbone_stem"] = layers.max_pool_3x3(feats[2])
   panoptic, multi_scale = model.pixel_decoder(feats)
   out.update(pixel_decoder_out=panoptic, pixel_decoder_os32=multi_scale[0], pixel_decoder_os16=multi_scale[1],
              pixel_decoder_os8=multi_scale[2])
@@ -88,11 +116,19 @@ def forward_stagewise(model: kmax_deeplab.KMaXDeepLab, port: dict[str, np.ndarra
   decoder = model.pixel_decoder
   feats = {stride: _ours(port[f"backbone_{name}"])
            for stride, name in ((4, "res2"), (8, "res3"), (16, "res4"), (32, "res5"))}
+  if decoder.pooled:  # The port's "stem" feature is the stem after max-pooling: what our decoder pools it into.
+    feats[2] = _ours(port["backbone_stem"])
   normed = [norm(feats[s]) for norm, s in zip(decoder.in_norms, decoder.strides)]
-  stage_names = ("pixel_decoder_os32", "pixel_decoder_os16", "pixel_decoder_os8", "pixel_decoder_out")
+  # The port keeps the stride 32, 16 and 8 stage outputs and the last one; a stage whose input the port did not keep
+  # (Cityscapes' fifth) runs on our previous stage's output.
+  stage_names = ("pixel_decoder_os32", "pixel_decoder_os16", "pixel_decoder_os8") + tuple(
+      f"pixel_decoder_stage{s}" for s in range(3, len(decoder.strides) - 1)) + ("pixel_decoder_out",)
+  previous = None
   for s, name in enumerate(stage_names):
-    x = normed[0] if s == 0 else decoder.fuses[s - 1](_ours(port[stage_names[s - 1]]), normed[s])
-    out[name] = decoder.stages[s](x)
+    if s > 0:
+      previous = _ours(port[stage_names[s - 1]]) if stage_names[s - 1] in port else previous
+    x = normed[0] if s == 0 else decoder.fuses[s - 1](previous, normed[s])
+    out[name] = previous = decoder.stages[s](x)
   transformer = model.transformer_decoder
   index = 0
   for stage, blocks in enumerate(transformer.blocks):
@@ -162,18 +198,19 @@ def _pq(a: np.ndarray, b: np.ndarray) -> float:
 
 def compare(run: pathlib.Path) -> list[tuple[str, float, float, float]]:
   meta = json.loads((run / "meta.json").read_text())
-  preset = PRESETS[pathlib.Path(meta["config"]).name]
+  spec = port_model(meta["config"])
+  preset = spec.preset
   images = np.load(run / "images.npy")
   port = np.load(run / "outputs.npz")
   t0 = time.perf_counter()
   tensors = readers.read_tensors(str(run / "state_dict.pth"))
   read_s = time.perf_counter() - t0
-  model = kmax_deeplab.build_model(preset, len(kmax_port.COCO_PANOPTIC), rngs=nnx.Rngs(0))
+  model = kmax_deeplab.build_model(preset, len(spec.class_names), rngs=nnx.Rngs(0))
   model.eval()
   state = importer.model_variables(model)
   values, report = importer.plan(tensors, importer.variables(state), kmax_deeplab.get_config(preset),
-                                 len(kmax_port.COCO_PANOPTIC), source=str(run / "state_dict.pth"),
-                                 class_names=kmax_port.COCO_PANOPTIC)
+                                 len(spec.class_names), source=str(run / "state_dict.pth"),
+                                 class_names=spec.class_names)
   state = importer.assign(state, values)
   nnx.update(model, state["params"], state["model_state"])
   print(f"{run.name}: {preset} at {meta['size']}, {images.shape[0]} images; read {len(tensors)} tensors in "
@@ -190,8 +227,8 @@ def compare(run: pathlib.Path) -> list[tuple[str, float, float, float]]:
     rows.append((name, float(np.max(np.abs(np.asarray(stagewise[name]) - theirs))),
                  float(np.max(np.abs(np.asarray(chained[name]) - theirs))) if name in chained else float("nan"),
                  float(np.max(np.abs(theirs)))))
-  merge = dataclasses.replace(postprocess.get_preset("coco"), thing_area_limit=0, stuff_area_limit=0)
-  is_thing = jnp.arange(len(kmax_port.COCO_PANOPTIC)) < 80
+  merge = dataclasses.replace(postprocess.get_preset(spec.postprocess), thing_area_limit=0, stuff_area_limit=0)
+  is_thing = jnp.asarray(spec.is_thing)
   size = images.shape[1:3]
   blocks_file = run / "pixel_decoder_os16_blocks.npz"
   if blocks_file.exists():  # Optional: the stride-16 stage's blocks one by one, on the port's input to each.

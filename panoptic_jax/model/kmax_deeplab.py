@@ -52,6 +52,9 @@ class KMaXConfig:
   backbone_drop_path: float = 0.0                # 1 - keep probability (ConvNeXt only)
   # Pixel decoder (coarse to fine, starting at stride 32).
   output_stride: int = 4                         # 4 (COCO, ADE20K) or 2 (Cityscapes)
+  # The PyTorch port's Cityscapes arrangement: its 4th decoder stage reads the ResNet stem after max-pooling (stride
+  # 4), its 5th res2, so its output stride is 4 (DeepLab2: res2, then the stem before pooling, output stride 2).
+  pooled_stem: bool = False
   pixel_decoder_widths: tuple[int, ...] = (512, 256, 128, 64)
   pixel_decoder_blocks: tuple[int, ...] = (1, 5, 1, 1)
   pixel_decoder_types: tuple[str, ...] = ("axial", "axial", "bottleneck", "bottleneck")
@@ -107,6 +110,8 @@ def _cityscapes(cfg: KMaXConfig, extra_width: int) -> KMaXConfig:
 PRESETS: dict[str, KMaXConfig] = {
     "kmax_r50_coco": _R50,
     "kmax_r50_cityscapes": _cityscapes(_R50, 32),
+    # The architecture of the port's released Cityscapes R50 model (panoptic_jax/weights/kmax_port.py).
+    "kmax_r50_cityscapes_port": _cityscapes(_R50, 32).replace(pooled_stem=True, output_stride=4),
     "kmax_convnext_t_coco": _CONVNEXT_T,
     "kmax_convnext_s_coco": _CONVNEXT_T.replace(backbone_blocks=(3, 3, 27, 3), backbone_drop_path=0.4),
     "kmax_convnext_b_coco": _CONVNEXT_T.replace(backbone_blocks=(3, 3, 27, 3), backbone_widths=(128, 256, 512, 1024),
@@ -122,6 +127,11 @@ PRESETS: dict[str, KMaXConfig] = {
 
 # Classes per dataset (without void): the published heads' sizes, for presets named after the dataset.
 DATASET_CLASSES = {"coco": 133, "cityscapes": 19, "ade20k": 150}
+
+
+def decoder_strides(cfg: KMaXConfig) -> tuple[int, ...]:
+  """The backbone strides the pixel decoder reads, coarse to fine (the stem's 2 is max-pooled with `pooled_stem`)."""
+  return (32, 16, 8, 2, 4) if cfg.pooled_stem else (32, 16, 8, 4, 2)[:len(cfg.pixel_decoder_widths)]
 
 
 def default_num_classes(preset: str) -> int:
@@ -143,10 +153,13 @@ def get_config(preset: str | KMaXConfig, **overrides) -> KMaXConfig:
   cfg = preset.replace(**overrides)
   if cfg.output_stride not in (2, 4):
     raise ValueError(f"model config output_stride: expected 2 or 4, found {cfg.output_stride}")
-  if len(cfg.pixel_decoder_widths) != {4: 4, 2: 5}[cfg.output_stride]:
-    raise ValueError(f"model config: output_stride {cfg.output_stride} needs "
-                     f"{ {4: 4, 2: 5}[cfg.output_stride]} pixel-decoder stages; found pixel_decoder_widths "
-                     f"{cfg.pixel_decoder_widths}")
+  stages = 5 if cfg.pooled_stem else {4: 4, 2: 5}[cfg.output_stride]
+  if len(cfg.pixel_decoder_widths) != stages:
+    raise ValueError(f"model config: output_stride {cfg.output_stride}{' with pooled_stem' * cfg.pooled_stem} needs "
+                     f"{stages} pixel-decoder stages; found pixel_decoder_widths {cfg.pixel_decoder_widths}")
+  if cfg.pooled_stem and (cfg.backbone != "resnet" or cfg.output_stride != 4):
+    raise ValueError("model config pooled_stem: needs a ResNet backbone and output_stride 4 (the pooled stem and res2 "
+                     f"are both at stride 4); found {cfg.backbone}, output_stride {cfg.output_stride}")
   if cfg.backbone == "convnext" and cfg.output_stride == 2:
     raise ValueError("model config: output_stride 2 needs the stride-2 stem of a ResNet backbone; ConvNeXt's "
                      "finest feature is at stride 4")
@@ -174,9 +187,9 @@ class KMaXDeepLab(nnx.Module):
     else:
       raise ValueError(f"model config backbone: expected resnet or convnext, found {cfg.backbone!r}")
     in_ch = self.backbone.out_channels
-    strides = (32, 16, 8, 4, 2)[:len(cfg.pixel_decoder_widths)]
-    self.pixel_decoder = PixelDecoder(in_ch, strides, cfg.pixel_decoder_widths, cfg.pixel_decoder_blocks,
-                                      cfg.pixel_decoder_types, cfg.num_heads, cfg.pixel_decoder_drop_path,
+    self.pixel_decoder = PixelDecoder(in_ch, decoder_strides(cfg), cfg.pixel_decoder_widths,
+                                      cfg.pixel_decoder_blocks, cfg.pixel_decoder_types, cfg.num_heads,
+                                      cfg.pixel_decoder_drop_path, pooled=(2,) if cfg.pooled_stem else (),
                                       remat=cfg.remat, dtype=dtype, rngs=rngs)
     dec_ch = self.pixel_decoder.out_channels
     k1 = num_classes + 1

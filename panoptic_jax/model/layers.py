@@ -239,6 +239,12 @@ class Dropout(nnx.Module):
     return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def max_pool_3x3(x: jax.Array) -> jax.Array:
+  """3x3 max-pooling with stride 2 and padding 1 of `[B, H, W, C]` (ResNet's stem): `(H - 1) // 2 + 1` rows."""
+  # A Python scalar init value keeps reduce_window differentiable (an array init breaks reverse-mode AD).
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
 def maybe_remat(module: nnx.Module, enabled: bool, *args):
   """Calls `module(*args)`, rematerialised (activations recomputed in the backward pass) when `enabled`."""
   if not enabled:

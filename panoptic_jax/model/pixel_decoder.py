@@ -163,12 +163,14 @@ class PixelDecoder(nnx.Module):
   """`__call__(features {stride: [B, h, w, C]})` -> (panoptic feature at the finest stride, [stride 32, 16, 8
   decoder features] for the transformer decoder).
 
-  `strides` lists the backbone strides consumed, coarse to fine, e.g. (32, 16, 8, 4) or (32, 16, 8, 4, 2).
+  `strides` lists the backbone strides consumed, coarse to fine, e.g. (32, 16, 8, 4) or (32, 16, 8, 4, 2); the
+  features at the strides in `pooled` are max-pooled (3x3, stride 2) first, which doubles their stride (the PyTorch
+  port's Cityscapes models read the ResNet stem after its max-pooling: strides (32, 16, 8, 2, 4), pooled (2,)).
   """
 
   def __init__(self, in_channels: dict[int, int], strides: Sequence[int], widths: Sequence[int],
                blocks: Sequence[int], types: Sequence[str], num_heads: int = 8, drop_path: float = 0.0, *,
-               remat: bool = False, dtype=None, rngs: nnx.Rngs):
+               pooled: Sequence[int] = (), remat: bool = False, dtype=None, rngs: nnx.Rngs):
     if not (len(strides) == len(widths) == len(blocks) == len(types)):
       raise ValueError(f"pixel decoder: strides {strides}, widths {widths}, blocks {blocks}, types {types} "
                        "must have equal lengths")
@@ -177,6 +179,7 @@ class PixelDecoder(nnx.Module):
       raise ValueError(f"pixel decoder needs backbone features at strides {missing}; the backbone gives "
                        f"{sorted(in_channels)}")
     self.strides = tuple(strides)
+    self.pooled = tuple(pooled)
     self.in_norms = nnx.List([L.layer_norm(in_channels[s], dtype=dtype, rngs=rngs) for s in strides])
     stages, fuses = [], []
     prev = None
@@ -194,7 +197,8 @@ class PixelDecoder(nnx.Module):
 
   def __call__(self, features: dict[int, jax.Array]):
     outs = []
-    normed = [norm(features[s]) for norm, s in zip(self.in_norms, self.strides)]
+    normed = [norm(L.max_pool_3x3(features[s]) if s in self.pooled else features[s])
+              for norm, s in zip(self.in_norms, self.strides)]
     x = normed[0]
     for i in range(len(self.strides)):
       if i > 0:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from panoptic_jax.data.convert import cityscapes
 from panoptic_jax.model import layers
-from panoptic_jax.model.kmax_deeplab import KMaXConfig
+from panoptic_jax.model.kmax_deeplab import KMaXConfig, decoder_strides
 from panoptic_jax.weights import backbones
 from panoptic_jax.weights import mapping as M
 
@@ -87,7 +87,7 @@ def _axial(ours: str, theirs: str) -> list[M.Entry]:
 
 def _pixel_decoder(arch: KMaXConfig, ours: str, theirs: str, in_channels: dict[int, int]) -> list[M.Entry]:
   entries = []
-  strides = (32, 16, 8, 4, 2)[:len(arch.pixel_decoder_widths)]
+  strides = decoder_strides(arch)
   previous = None
   for s, (width, blocks, kind) in enumerate(zip(arch.pixel_decoder_widths, arch.pixel_decoder_blocks,
                                                 arch.pixel_decoder_types)):

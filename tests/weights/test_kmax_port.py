@@ -1,5 +1,5 @@
 """The authors' PyTorch port's checkpoints map completely onto our presets, checked without the port: the state-dict
-keys and shapes of models built from its configs (names and shapes only, `port_inventory/`; how they were made:
+keys and shapes of models built from its configs (R50 and ConvNeXt-B COCO, R50 Cityscapes) (names and shapes only, `port_inventory/`; how they were made:
 BENCHMARKS.md, "Weights from the kMaX PyTorch port") stand in for its files. Forward equality with the port itself
 is measured by bench/port_equivalence.py."""
 
@@ -65,10 +65,16 @@ def test_a_file_for_another_preset_is_one_error_naming_the_first_tensor_and_both
   assert "backbone.stages.0.down_conv.kernel (4, 4, 3, 96)" in message, message
 
 
-def test_the_ports_cityscapes_model_is_refused_with_the_reason():
-  """The port's Cityscapes pixel decoder takes the ResNet stem after max-pooling (64 channels at stride 4) as its
-  fourth feature and res2 as its fifth; ours follows DeepLab2 (res2, then the stem before pooling at stride 2), so
-  the file is refused at the first tensor that differs rather than loaded into the wrong places."""
+def test_the_ports_cityscapes_model_fits_its_own_preset_and_is_refused_by_deeplab2s():
+  """The port's Cityscapes pixel decoder reads the ResNet stem after max-pooling (64 channels at stride 4) as its
+  fourth feature and res2 as its fifth (output stride 4): preset kmax_r50_cityscapes_port. Our kmax_r50_cityscapes
+  follows DeepLab2 (res2, then the stem before pooling: output stride 2), so there the file is refused at the first
+  tensor that differs rather than loaded into the wrong places."""
+  tensors = _file("kmax_r50_cityscapes")
+  _, report = _plan("kmax_r50_cityscapes_port", tensors, class_names=kmax_port.CITYSCAPES)
+  assert not report.left_at_init and report.classes["kept"] == 19
+  # Everything but the void row of the auxiliary semantic classifier, which the port's head does not have (256 + 1).
+  assert report.parameters_loaded == report.parameters_total - 257 == 56_975_757
   with pytest.raises(importer.WeightsImportError, match=r"_in_norms\.3\.weight \(64,\) does not fit "
                                                         r"pixel_decoder\.in_norms\.3\.scale \(256,\)"):
-    _plan("kmax_r50_cityscapes", _file("kmax_r50_cityscapes"), class_names=kmax_port.CITYSCAPES)
+    _plan("kmax_r50_cityscapes", tensors, class_names=kmax_port.CITYSCAPES)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from panoptic_jax.model import layers as L
@@ -88,9 +87,7 @@ class ResNet(nnx.Module):
   def __call__(self, x: jax.Array) -> dict[int, jax.Array]:
     x = self.stem(x)
     feats = {2: x}
-    # A Python scalar init value keeps reduce_window differentiable (an array init breaks reverse-mode AD).
-    x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+    x = L.max_pool_3x3(x)
     for i, st in enumerate(self.stages):
       x = L.maybe_remat(st, self.remat, x)
       feats[2 ** (i + 2)] = x
