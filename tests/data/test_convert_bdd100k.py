@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
+from panoptic_jax.data.convert import __main__ as cli
 from panoptic_jax.data.convert import bdd100k
 from panoptic_jax.data.storage import open_storage
 
@@ -207,3 +208,12 @@ def test_s3_output_and_resume(tmp_path, s3_bucket, s3_server):
   assert info == bdd100k.dataset_info()
   np.testing.assert_array_equal(fmt.decode_annotation(storage.read_bytes(f"panoptic_maps/{STEM}.tif"), info),
                                 _expected("ignore"))
+
+
+def test_the_command(tmp_path, capsys):
+  _write_tree(tmp_path / "bdd")
+  code = cli.main(["bdd100k", "--root", str(tmp_path / "bdd"), "--split", "val", "--out", str(tmp_path / "out"),
+                   "--workers", "1", "--no_progress"])
+  assert code == 0 and "converted 2" in capsys.readouterr().out
+  _, maps = _load(tmp_path / "out")
+  assert sorted(maps) == sorted([STEM, "c2"])

@@ -11,6 +11,7 @@ from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data import validate
+from panoptic_jax.data.convert import __main__ as cli
 from panoptic_jax.data.convert import kitti_step
 from panoptic_jax.data.dataset import Dataset
 
@@ -177,3 +178,12 @@ def test_resume_on_s3(tmp_path, s3_bucket, s3_server):
   dataset = Dataset.open(location, s3_server.endpoint_url)
   assert dataset.info == kitti_step.dataset_info() and dataset.names == sorted(maps)
   np.testing.assert_array_equal(dataset.read_panoptic(0), _expected(*maps[dataset.names[0]], "ignore"))
+
+
+def test_the_command(tmp_path, capsys):
+  _write_tree(tmp_path / "step")
+  code = cli.main(["kitti_step", "--root", str(tmp_path / "step"), "--split", "val", "--out", str(tmp_path / "out"),
+                   "--workers", "1", "--no_progress"])
+  assert code == 0 and "failed 0" in capsys.readouterr().out
+  assert (tmp_path / "out" / "metadata.yaml").exists()
+  assert len(list((tmp_path / "out" / "panoptic_maps").iterdir())) == sum(len(f) for f in SEQUENCES.values())

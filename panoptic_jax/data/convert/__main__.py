@@ -1,10 +1,15 @@
-r"""Converts COCO panoptic or Cityscapes into the project's dataset format (a local folder or s3://bucket/prefix).
+r"""Converts COCO panoptic, Cityscapes, KITTI-STEP or BDD100K panoptic into the project's dataset format (a local
+folder or s3://bucket/prefix).
 
   python -m panoptic_jax.data.convert coco --images DIR --panoptic_json FILE --panoptic_dir DIR --out LOCATION \
       [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
   python -m panoptic_jax.data.convert cityscapes --root DIR --split train|val --out LOCATION \
       [--layout auto|instance_ids|panoptic] [--images DIR] [--panoptic_json FILE] [--panoptic_dir DIR] \
       [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
+  python -m panoptic_jax.data.convert kitti_step --root DIR --split train|val --out LOCATION \
+      [--images DIR] [--panoptic_maps DIR] [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
+  python -m panoptic_jax.data.convert bdd100k --root DIR --split train|val --out LOCATION \
+      [--images DIR] [--bitmasks DIR] [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
 
 Resumable: an example whose annotation already exists at LOCATION is skipped, so re-running after an interruption
 converts only the rest. metadata.yaml is written last. Prints converted / skipped / failed counts with the reason
@@ -54,6 +59,26 @@ def _parser() -> argparse.ArgumentParser:
                     help="default ROOT/gtFine/cityscapes_panoptic_SPLIT[_trainId].json")
   city.add_argument("--panoptic_dir", default=None, help="default: the JSON's path without .json")
   common_flags(city)
+
+  step = sub.add_parser("kitti_step", help="KITTI-STEP (DeepLab2 layout: panoptic PNGs, R = train id, "
+                        "G * 256 + B = track id)")
+  step.add_argument("--root", required=True, help="the KITTI-STEP root with images/ and panoptic_maps/")
+  step.add_argument("--split", required=True, help="train or val (a folder under images/ and panoptic_maps/)")
+  step.add_argument("--images", default=None,
+                    help="images folder holding <sequence>/<frame>.png (default ROOT/images/SPLIT)")
+  step.add_argument("--panoptic_maps", default=None,
+                    help="panoptic maps folder holding <sequence>/<frame>.png (default ROOT/panoptic_maps/SPLIT)")
+  common_flags(step)
+
+  bdd = sub.add_parser("bdd100k", help="BDD100K panoptic segmentation (pan_seg RGBA bitmasks); --crowd also covers "
+                       "segments flagged ignore")
+  bdd.add_argument("--root", required=True, help="the BDD100K root with images/10k/ and labels/pan_seg/ "
+                   "(the bdd100k folder of the downloads)")
+  bdd.add_argument("--split", required=True, help="train or val (a folder under images/10k/ and "
+                   "labels/pan_seg/bitmasks/)")
+  bdd.add_argument("--images", default=None, help="images folder (default ROOT/images/10k/SPLIT)")
+  bdd.add_argument("--bitmasks", default=None, help="bitmask folder (default ROOT/labels/pan_seg/bitmasks/SPLIT)")
+  common_flags(bdd)
   return parser
 
 
@@ -62,16 +87,19 @@ def main(argv: list[str] | None = None) -> int:
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   # Imported here so that --help answers at once.
-  from panoptic_jax.data.convert import cityscapes, coco, common  # pylint: disable=g-import-not-at-top
+  from panoptic_jax.data.convert import bdd100k, cityscapes, coco, common, kitti_step  # pylint: disable=g-import-not-at-top
+  run = dict(crowd=args.crowd, endpoint_url=args.endpoint_url, workers=args.workers, progress=not args.no_progress)
   try:
     if args.dataset == "coco":
-      summary = coco.convert(args.images, args.panoptic_json, args.panoptic_dir, args.out, crowd=args.crowd,
-                             endpoint_url=args.endpoint_url, workers=args.workers, progress=not args.no_progress)
-    else:
+      summary = coco.convert(args.images, args.panoptic_json, args.panoptic_dir, args.out, **run)
+    elif args.dataset == "cityscapes":
       summary = cityscapes.convert(args.root, args.split, args.out, layout=args.layout, images=args.images,
-                                   panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir,
-                                   crowd=args.crowd, endpoint_url=args.endpoint_url, workers=args.workers,
-                                   progress=not args.no_progress)
+                                   panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir, **run)
+    elif args.dataset == "kitti_step":
+      summary = kitti_step.convert(args.root, args.split, args.out, images=args.images,
+                                   panoptic_maps=args.panoptic_maps, **run)
+    else:
+      summary = bdd100k.convert(args.root, args.split, args.out, images=args.images, bitmasks=args.bitmasks, **run)
   except (ValueError, OSError) as e:  # Unusable inputs or output as a whole (not one example): say what and stop.
     print(f"error: {e}", file=sys.stderr)
     return 2
