@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
+from panoptic_jax.data.convert import __main__ as cli
 from panoptic_jax.data.convert import mapillary
 from panoptic_jax.data.dataset import Dataset
 
@@ -202,3 +203,11 @@ def test_s3_output_with_workers_and_resume(tmp_path, s3_bucket, s3_server):
   again = mapillary.convert(str(tmp_path / "vistas"), "training", location, endpoint_url=s3_server.endpoint_url,
                             progress=False)
   assert not again.converted and sorted(again.skipped) == ["a", "b"]
+
+
+def test_the_command(tmp_path, capsys):
+  _write_vistas(tmp_path / "vistas")
+  code = cli.main(["mapillary", "--root", str(tmp_path / "vistas"), "--split", "training", "--out",
+                   str(tmp_path / "out"), "--workers", "1", "--no_progress"])
+  printed = capsys.readouterr().out
+  assert code == 1 and "converted 2" in printed and "failed 1" in printed  # Image c is broken on purpose.

@@ -1,10 +1,13 @@
-r"""Converts COCO panoptic, Cityscapes, KITTI-STEP or BDD100K panoptic into the project's dataset format (a local
-folder or s3://bucket/prefix).
+r"""Converts COCO panoptic, Cityscapes, Mapillary Vistas, KITTI-STEP or BDD100K panoptic into the project's dataset
+format (a local folder or s3://bucket/prefix).
 
   python -m panoptic_jax.data.convert coco --images DIR --panoptic_json FILE --panoptic_dir DIR --out LOCATION \
       [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
   python -m panoptic_jax.data.convert cityscapes --root DIR --split train|val --out LOCATION \
       [--layout auto|instance_ids|panoptic] [--images DIR] [--panoptic_json FILE] [--panoptic_dir DIR] \
+      [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
+  python -m panoptic_jax.data.convert mapillary --root DIR --split training|validation --out LOCATION \
+      [--version v1.2|v2.0] [--images DIR] [--panoptic_json FILE] [--panoptic_dir DIR] [--config FILE|none] \
       [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
   python -m panoptic_jax.data.convert kitti_step --root DIR --split train|val --out LOCATION \
       [--images DIR] [--panoptic_maps DIR] [--crowd ignore|keep] [--endpoint_url URL] [--workers N]
@@ -79,6 +82,18 @@ def _parser() -> argparse.ArgumentParser:
   bdd.add_argument("--images", default=None, help="images folder (default ROOT/images/10k/SPLIT)")
   bdd.add_argument("--bitmasks", default=None, help="bitmask folder (default ROOT/labels/pan_seg/bitmasks/SPLIT)")
   common_flags(bdd)
+
+  vistas = sub.add_parser("mapillary", help="Mapillary Vistas panoptic (v1.2 or v2.0 PNG + JSON)")
+  vistas.add_argument("--root", required=True, help="the Vistas root with config_VERSION.json and SPLIT/")
+  vistas.add_argument("--split", required=True, help="training or validation (train / val work too)")
+  vistas.add_argument("--version", choices=("v1.2", "v2.0"), default="v2.0", help="annotation release (default v2.0)")
+  vistas.add_argument("--images", default=None, help="images folder (default ROOT/SPLIT/images)")
+  vistas.add_argument("--panoptic_json", default=None, help="default ROOT/SPLIT/VERSION/panoptic/panoptic_2018.json "
+                      "(v1.2) or panoptic_2020.json (v2.0)")
+  vistas.add_argument("--panoptic_dir", default=None, help="folder of its PNGs (default: the JSON's folder)")
+  vistas.add_argument("--config", default=None, help="the label list; labels with evaluate=false become void "
+                      "(default ROOT/config_VERSION.json; 'none' keeps every category of the panoptic JSON)")
+  common_flags(vistas)
   return parser
 
 
@@ -87,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
   logging.use_absl_handler()
   logging.set_verbosity(logging.INFO)
   # Imported here so that --help answers at once.
-  from panoptic_jax.data.convert import bdd100k, cityscapes, coco, common, kitti_step  # pylint: disable=g-import-not-at-top
+  from panoptic_jax.data.convert import (  # pylint: disable=g-import-not-at-top
+      bdd100k, cityscapes, coco, common, kitti_step, mapillary)
   run = dict(crowd=args.crowd, endpoint_url=args.endpoint_url, workers=args.workers, progress=not args.no_progress)
   try:
     if args.dataset == "coco":
@@ -95,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.dataset == "cityscapes":
       summary = cityscapes.convert(args.root, args.split, args.out, layout=args.layout, images=args.images,
                                    panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir, **run)
+    elif args.dataset == "mapillary":
+      summary = mapillary.convert(args.root, args.split, args.out, version=args.version, images=args.images,
+                                  panoptic_json=args.panoptic_json, panoptic_dir=args.panoptic_dir,
+                                  config=args.config, **run)
     elif args.dataset == "kitti_step":
       summary = kitti_step.convert(args.root, args.split, args.out, images=args.images,
                                    panoptic_maps=args.panoptic_maps, **run)
