@@ -8,6 +8,9 @@ The backbone starts from ImageNet: `weights/R-50.pkl` is the ResNet-50 that the 
 (torchvision's weights in detectron2's names; README, "Start from published weights", says where to get it). A run
 with the file missing stops before building anything; `--config.model.init_from=''` trains from scratch instead.
 
+DeepLab2's recipe has no copy-paste; the authors' PyTorch port's adds panoptic copy-paste of a second training image
+(`--config.input.copy_paste=True`, panoptic_jax/data/transforms.py).
+
 The base (panoptic_jax/training/config.py) holds the losses and the optimiser of the recipe; this file what is
 specific to COCO.
 """

@@ -201,6 +201,28 @@ class EpochShuffle(grain.MapDataset):
     return self._parent[int(self.permutation(epoch)[position])]
 
 
+class WithPartner(grain.MapDataset):
+  """Each element of the stream with a "partner": another element of the source, drawn uniformly with a generator
+  seeded by (seed, stream position), for panoptic copy-paste (transforms.paste_segments). Reproducible and resumable
+  like the stream itself; a partner may be the element itself, as in the PyTorch port."""
+
+  def __init__(self, parent: grain.MapDataset, source: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._source, self._seed = source, int(seed)
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return f"WithPartner(seed={self._seed})"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    partner = int(np.random.default_rng([self._seed, int(index)]).integers(len(self._source)))
+    return {**self._parent[index], "partner": self._source[partner]}
+
+
 class ProcessRows(grain.MapDataset):
   """Process p's rows of every global batch of size B = P * b: stream positions k * B + p * b + j for j < b.
 
@@ -225,9 +247,9 @@ class ProcessRows(grain.MapDataset):
     return self._parent[(batch * self._count + self._index) * self._per_process + row]
 
 
-def _seeds(seed: int) -> tuple[int, int]:
-  shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
-  return int(shuffle_seed), int(augment_seed)
+def _seeds(seed: int) -> tuple[int, int, int]:
+  """The shuffle's, the augmentation's and the copy-paste partners' seeds."""
+  return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(3))
 
 
 class _SkipUndecodable(grain.sources.RandomAccessDataSource):
@@ -265,9 +287,12 @@ def train_dataset(data, config: PipelineConfig, process_index: int | None = None
   source, info = _as_source(data)
   process_index, process_count = _process(process_index, process_count)
   per_process = _per_process(config.batch_size, process_count, "batch_size")
-  shuffle_seed, augment_seed = _seeds(config.seed)
+  shuffle_seed, augment_seed, partner_seed = _seeds(config.seed)
   transform = transforms.TrainTransform(config.augment, config.targets(info), photometric=config.photometric)
-  ds = EpochShuffle(grain.MapDataset.source(_SkipUndecodable(source)), shuffle_seed)
+  examples = grain.MapDataset.source(_SkipUndecodable(source))
+  ds = EpochShuffle(examples, shuffle_seed)
+  if config.augment.copy_paste:
+    ds = WithPartner(ds, examples, partner_seed)
   ds = ds.random_map(transform, seed=augment_seed)  # Before sharding: seeded by the position in the global stream.
   ds = ProcessRows(ds, per_process, process_index, process_count)
   return ds.batch(per_process, drop_remainder=True)

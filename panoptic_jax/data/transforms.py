@@ -41,6 +41,15 @@ or per worker process: the count travels with the batch, and the training loop s
 warns a few times per run (training/data_health.py). The matching in the loss makes the slot order irrelevant to
 training; it is fixed only to make targets reproducible and easy to read.
 
+Panoptic copy-paste (train, `AugmentConfig.copy_paste`; the authors' PyTorch port's `*_panoptic_lsj` dataset
+mappers): the pipeline pairs each element with a "partner" drawn from the whole training set (seeded by the element's
+position in the stream, so reproducible and resumable). The partner gets its own geometry and colour jitter with the
+scale range halved, then every thing segment and a random subset of all its segments (shuffled, the first
+U{0..n} kept) are pasted over the main crop, image and labels. Pasted stuff of a class the main crop has joins that
+class's segment; pasted things are renumbered after the main crop's instances of their class. Only labelled pixels
+are pasted (the partner's void and padding never are). Unlike the port, a crop that ends up (nearly) all void is not
+redrawn: the losses see it as it is.
+
 Undecodable samples (train): an element carrying "decode_error" (pipeline.py puts it there when the source could not
 decode the image or annotation) becomes a blank crop: PAD_PIXEL image, all-void labels, no slots, `valid` False and
 its "index" kept, so that the batch keeps its shape and the losses leave it out.
@@ -50,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 import grain
 import numpy as np
@@ -80,6 +90,8 @@ class AugmentConfig:
     hue: rotation of the chroma plane drawn from U[-hue, hue] turns (0 disables; 0.5 is any hue).
     pad_value: image value for padding.
     backend: "cv2" (OpenCV), "pil" (Pillow), or "auto" (OpenCV when installed); see the module docstring.
+    copy_paste: paste segments of a partner image over each crop (module docstring); the pipeline then reads a
+      partner per element.
   """
 
   crop_size: tuple[int, int] = (641, 641)
@@ -94,6 +106,7 @@ class AugmentConfig:
   hue: float = 0.03
   pad_value: int = PAD_PIXEL
   backend: str = "auto"
+  copy_paste: bool = False
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -173,6 +186,48 @@ def random_scale_crop_flip(image: np.ndarray, panoptic: np.ndarray, rng: np.rand
   flip = bool(rng.random() < config.flip_prob)
   return scale_crop(image, panoptic, scale, (r0, c0), (ch, cw), flip, config.pad_value, color_matrix,
                      resolve_backend(config.backend))
+
+
+def paste_segments(image: np.ndarray, panoptic: np.ndarray, partner_image: np.ndarray, partner: np.ndarray,
+                   rng: np.random.Generator, is_thing: Sequence[bool], label_divisor: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Panoptic copy-paste of two crops of the same size (module docstring).
+
+  Args:
+    image, panoptic: the main crop, uint8 [h, w, 3] and int32 [h, w] canonical map.
+    partner_image, partner: the partner's crop, same shapes.
+    rng: the element's generator.
+    is_thing: per category.
+    label_divisor: of the canonical maps.
+
+  Returns:
+    The pasted image and map (new arrays).
+  """
+  values = np.unique(partner)
+  values = values[values >= 0]
+  things = np.asarray(is_thing, bool)[values // label_divisor]
+  order = rng.permutation(len(values))
+  keep = np.zeros(len(values), bool)
+  keep[order[:int(rng.integers(0, len(values) + 1))]] = True
+  chosen = values[keep | things]
+  if not len(chosen):
+    return image.copy(), panoptic.copy()
+  # Pasted things continue the numbering of their class in the main crop (no two segments share a value).
+  shift = {}
+  for value in chosen[np.asarray(is_thing, bool)[chosen // label_divisor]]:
+    category = int(value) // label_divisor
+    if category not in shift:
+      main = panoptic[(panoptic >= category * label_divisor) & (panoptic < (category + 1) * label_divisor)]
+      shift[category] = int(main.max() % label_divisor) if main.size else 0
+  renumbered = np.array([v + shift.get(int(v) // label_divisor, 0) for v in chosen], np.int64)
+  if (renumbered % label_divisor < chosen % label_divisor).any() or np.any(
+      (renumbered // label_divisor) != (chosen // label_divisor)):
+    raise ValueError(f"copy-paste: more than {label_divisor} instances of one class in a crop")
+  index = np.searchsorted(chosen, partner)
+  pasted = (partner >= 0) & (chosen[np.minimum(index, len(chosen) - 1)] == partner)
+  out_panoptic = np.where(pasted, renumbered[np.minimum(index, len(chosen) - 1)], panoptic).astype(panoptic.dtype)
+  out_image = np.where(pasted[..., None], partner_image, image)
+  return out_image, out_panoptic
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -283,14 +338,26 @@ class TrainTransform(grain.transforms.RandomMap):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
     if "decode_error" in element:
       return self._blank(int(element["index"]))
-    image, panoptic = element["image"], element["panoptic"]
-    matrix = photometric_matrix(rng, self.augment, image) if self.photometric else None
-    try:
-      image, panoptic = random_scale_crop_flip(image, panoptic, rng, self.augment, matrix)
-    except ValueError as e:
-      raise ValueError(f"example {element.get('name')!r}: {e}") from None
+    image, panoptic = self._augment(element, rng, self.augment)
+    partner = element.get("partner")
+    if self.augment.copy_paste and partner is not None and "decode_error" not in partner:
+      half = dataclasses.replace(self.augment, min_scale=self.augment.min_scale / 2,
+                                 max_scale=self.augment.max_scale / 2)
+      partner_image, partner_panoptic = self._augment(partner, rng, half)
+      image, panoptic = paste_segments(image, panoptic, partner_image, partner_panoptic, rng,
+                                       self.targets.is_thing, self.targets.label_divisor)
     return {"image": image, "panoptic": panoptic, **mask_targets(panoptic, self.targets),
             "valid": np.bool_(True), "index": np.int32(element.get("index", -1))}
+
+  def _augment(self, element: dict, rng: np.random.Generator, augment: AugmentConfig
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The element's random crop: colour jitter, scale, crop, flip."""
+    image = element["image"]
+    matrix = photometric_matrix(rng, augment, image) if self.photometric else None
+    try:
+      return random_scale_crop_flip(image, element["panoptic"], rng, augment, matrix)
+    except ValueError as e:
+      raise ValueError(f"example {element.get('name')!r}: {e}") from None
 
   def _blank(self, index: int) -> dict:
     """The element of a sample that failed to decode: same keys, shapes and dtypes, all void, valid False."""

@@ -37,7 +37,7 @@ class ConfigError(UserError, ValueError):
 
 # The augmentation fields a run config exposes (the rest of `AugmentConfig` is implementation detail).
 _INPUT_FIELDS = ("crop_size", "min_scale", "max_scale", "scale_step", "resize_to_crop", "flip_prob", "brightness",
-                 "contrast", "saturation", "hue")
+                 "contrast", "saturation", "hue", "copy_paste")
 
 
 def base_config() -> ml_collections.ConfigDict:

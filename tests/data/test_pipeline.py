@@ -1,5 +1,6 @@
 """Grain pipelines: determinism, resume, workers, process sharding, epochs, eval coverage, batch contract."""
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -225,3 +226,15 @@ def test_undecodable_training_samples_become_invalid_blanks(train_set, broken_tr
 def test_undecodable_eval_image_raises_naming_the_file(broken_train_set):
   with pytest.raises(fmt.FormatError, match=r"images/000003\.jpg: cannot decode as an image.*data\.validate"):
     list(pipeline.make_eval_iterator(broken_train_set, CONFIG, 0, 1))
+
+
+def test_copy_paste_is_reproducible_and_resumable(train_set):
+  config = dataclasses.replace(CONFIG, augment=dataclasses.replace(CONFIG.augment, copy_paste=True))
+  reference = _take(pipeline.make_train_iterator(train_set, config, 0, 1), 4)
+  plain = _take(pipeline.make_train_iterator(train_set, CONFIG, 0, 1), 4)
+  assert any((a["image"] != b["image"]).any() for a, b in zip(reference, plain))
+  it = pipeline.make_train_iterator(train_set, config, 0, 1)
+  _take(it, 2)
+  resumed = pipeline.make_train_iterator(train_set, config, 0, 1)
+  resumed.set_state(it.get_state())
+  _assert_same(_take(resumed, 2), reference[2:])

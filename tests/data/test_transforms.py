@@ -301,3 +301,51 @@ def test_train_transform_names_the_example_on_bad_input():
   bad = {"image": np.zeros((8, 8, 3), np.uint8), "panoptic": np.zeros((8, 9), np.int32), "name": "b1", "index": 0}
   with pytest.raises(ValueError, match="example 'b1': image \\(8, 8\\) and panoptic map \\(8, 9\\) differ"):
     transform.random_map(bad, np.random.default_rng(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Copy-paste
+
+
+def test_paste_segments_pastes_every_thing_and_a_subset_keeping_labels_with_pixels():
+  main = _scene()
+  partner = np.full_like(main, VOID)
+  partner[10:20, 5:15] = 2 * DIV + 1     # a car: pasted always
+  partner[30:40, 40:50] = 3 * DIV + 1    # a person: pasted always
+  partner[40:48, :] = 0 * DIV            # road: pasted in some draws, then part of the main crop's road
+  image, _ = _colour_of(main)
+  partner_image = np.full(image.shape, 200, np.uint8)
+  seen_road = set()
+  for seed in range(12):
+    out_image, out = T.paste_segments(image, main, partner_image, partner, np.random.default_rng(seed), IS_THING, DIV)
+    pasted = partner >= 0
+    thing = partner // DIV >= 2
+    # Pasted things take new instance numbers after the main crop's (cars 1, 2 -> 3; person 1 -> 2).
+    assert (out[10:20, 5:15] == 2 * DIV + 3).all() and (out[30:40, 40:50] == 3 * DIV + 2).all()
+    assert (out_image[thing] == 200).all()
+    road_pasted = bool((out[40:48, :] == 0).all()) and bool((out_image[40:48, :] == 200).all())
+    seen_road.add(road_pasted)
+    if not road_pasted:
+      np.testing.assert_array_equal(out[40:48], main[40:48])
+    # Unpasted pixels (the partner's void) keep the main crop.
+    np.testing.assert_array_equal(out[~pasted], main[~pasted])
+    np.testing.assert_array_equal(out_image[~pasted], image[~pasted])
+  assert seen_road == {True, False}  # The stuff subset is random: both outcomes occur.
+
+
+def test_copy_paste_train_transform_is_deterministic_and_uses_the_partner():
+  pan = _scene()
+  image, _ = _colour_of(pan)
+  partner_pan = np.full_like(pan, 3 * DIV + 1)  # One person covering the partner image.
+  partner = {"image": np.full_like(image, 250), "panoptic": partner_pan, "name": "p", "index": 1}
+  element = {"image": image, "panoptic": pan, "name": "m", "index": 0, "partner": partner}
+  transform = T.TrainTransform(_no_photometric(crop_size=(33, 33), copy_paste=True), _targets_config())
+  a = transform.random_map(dict(element), np.random.default_rng(5))
+  b = transform.random_map(dict(element), np.random.default_rng(5))
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  person = a["panoptic"] == 3 * DIV + 2  # The partner's person, numbered after the main crop's person 1.
+  assert person.any() and (a["image"][person] == 250).all()
+  plain = T.TrainTransform(_no_photometric(crop_size=(33, 33)), _targets_config())
+  without = plain.random_map(dict(element), np.random.default_rng(5))
+  assert not (without["image"] == 250).all(axis=-1).any()  # Off: the partner is never read.
