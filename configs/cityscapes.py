@@ -9,8 +9,8 @@ The backbone starts from ImageNet: `weights/R-50.pkl` is the ResNet-50 that the 
 (torchvision's weights in detectron2's names; README, "Start from published weights", says where to get it). A run
 with the file missing stops before building anything; `--config.model.init_from=''` trains from scratch instead.
 
-DeepLab2's recipe has no copy-paste; the authors' PyTorch port's adds panoptic copy-paste of a second training image
-(`--config.input.copy_paste=True`, panoptic_jax/data/transforms.py).
+Panoptic copy-paste of a second training image is part of the recipe (DeepLab2's and the PyTorch port's;
+panoptic_jax/data/transforms.py): `--config.input.copy_paste=False` turns it off.
 
 The base (panoptic_jax/training/config.py) holds the losses and the optimiser of the recipe; this file what is
 specific to Cityscapes.
@@ -23,6 +23,7 @@ def get_config():
   config = base_config()
   config.model.preset = "kmax_r50_cityscapes"  # Output stride 2, 256 mask slots.
   config.model.init_from = "weights/R-50.pkl"  # ImageNet ResNet-50 (torchvision, detectron2 names).
+  config.input.copy_paste = True
   config.input.crop_size = (1025, 2049)
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0
