@@ -41,15 +41,46 @@ def _decode_rgba(path: str) -> np.ndarray:
     return np.asarray(image.convert("RGBA"))
 
 
-def _entries(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  """intp [H, W]: for each pixel the index in `table` (sorted uint32 ids) of its id, or of some other entry when
-  the id is not in the table (the caller compares)."""
+def _entries(table: np.ndarray, rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Where each pixel's id is in `table`: (entry [H, W], the index in `table` (sorted uint32 ids R + 256 G +
+  256^2 B) of the pixel's id, or len(table) for an id not listed; counts [len(table) + 1] of each entry).
+
+  Each pixel finds its entry through its id's low 16 bits (R and G, read in place as one little-endian uint16) and
+  then its B byte is compared with the entry's: far cheaper than sorting the pixels or forming the 24-bit ids. When
+  two listed ids share their low 16 bits, by binary search on the full ids instead. Entries are uint8 when the table
+  is small (the usual case), which makes every later gather and the count cheaper.
+  """
+  missing = len(table)
   low = table & 0xFFFF
+  dtype = np.uint8 if missing < 255 else np.intp
   if len(np.unique(low)) == len(table):
-    lookup = np.zeros(1 << 16, np.intp)
+    lookup = np.full(1 << 16, missing, dtype)
     lookup[low] = np.arange(len(table))
-    return lookup[ids & 0xFFFF]
-  return np.minimum(np.searchsorted(table, ids), len(table) - 1)
+    entry = np.take(lookup, rgba.view("<u2")[..., 0])  # np.take: about 2x faster than indexing here.
+    high = np.append((table >> 16).astype(np.int16), np.int16(-1))  # -1: no entry, never a B byte.
+    known = np.take(high, entry) == rgba[..., 2]
+  else:
+    ids = _ids(rgba)
+    entry = np.minimum(np.searchsorted(table, ids), missing - 1).astype(dtype)
+    known = np.take(table, entry) == ids
+  if not known.all():
+    entry = np.where(known, entry, np.asarray(missing, dtype))
+  return entry, _count(entry, missing + 1)
+
+
+def _count(entry: np.ndarray, n: int) -> np.ndarray:
+  """int64 [n]: how many pixels hold each entry 0..n-1; OpenCV's histogram for uint8 maps (exact below 2^24 pixels,
+  its float32 counts), else numpy's bincount (several times slower)."""
+  cv2 = opencv()
+  if cv2 is not None and entry.dtype == np.uint8 and entry.size < 1 << 24:
+    return cv2.calcHist([entry], [0], None, [256], [0, 256]).ravel()[:n].astype(np.int64)
+  return np.bincount(entry.ravel(), minlength=n)
+
+
+def _ids(rgba: np.ndarray) -> np.ndarray:
+  """uint32 [H, W] segment ids R + 256 G + 256^2 B of an RGBA PNG."""
+  # The four bytes R, G, B, A of a pixel read as one little-endian uint32 are R + 256 G + 256^2 B + 256^3 A.
+  return rgba.view("<u4")[..., 0] & 0xFFFFFF
 
 
 class CocoFormatError(UserError, ValueError):
@@ -69,7 +100,8 @@ class LoadedImage:
 
   Attributes:
     panoptic: int32 [H, W] canonical map (crowd pixels VOID; see crowd).
-    crowd: int32 [H, W] crowd map for GT (-1 none, category, or UNLISTED), None for predictions.
+    crowd: int32 [H, W] crowd map for GT (-1 none, category, or UNLISTED); None for predictions and for a GT image
+      without crowd or unlisted pixels.
     scores: canonical value -> score, for segments whose JSON entry carries a 'score'.
     segments: [(canonical value or None for crowd, category index, iscrowd)] in segments_info order.
     missing_fn: category index -> number of non-crowd GT segments listed in the JSON but absent from the PNG
@@ -133,13 +165,14 @@ class CocoPanoptic:
 
   def read_ids(self, key: str) -> np.ndarray:
     """[H, W] uint32 segment ids (R + 256 G + 256^2 B) of one image's PNG."""
+    return _ids(self._read_rgba(key))
+
+  def _read_rgba(self, key: str) -> np.ndarray:
     path = os.path.join(self.folder, self.annotations[key]["file_name"])
     try:
-      rgba = _decode_rgba(path)
+      return _decode_rgba(path)
     except (OSError, ValueError) as e:
       raise CocoFormatError(f"{path}: cannot read the PNG of image {self.image_ids[key]!r}: {e}") from None
-    # The four bytes R, G, B, A of a pixel read as one little-endian uint32 are R + 256 G + 256^2 B + 256^3 A.
-    return rgba.view("<u4")[..., 0] & 0xFFFFFF
 
   def load(self, key: str, category_index: dict[int, int], label_divisor: int, is_gt: bool):
     """One image as canonical maps.
@@ -155,9 +188,8 @@ class CocoPanoptic:
     """
     ann = self.annotations[key]
     where = f"{self.json_path}: image {self.image_ids[key]!r} ({ann['file_name']})"
-    ids = self.read_ids(key)
-    # A table of the listed ids and 0: each pixel finds its entry through its id's low 16 bits (or, when two listed
-    # ids share them, by binary search), far cheaper than sorting the image's pixels to find the ids present.
+    rgba = self._read_rgba(key)
+    # A table of the listed ids and 0, in which each pixel finds its entry (`_entries`).
     parsed = []
     for seg in ann["segments_info"]:
       try:
@@ -166,11 +198,9 @@ class CocoPanoptic:
         raise CocoFormatError(f"{where}: segment {seg!r} needs 'id' and 'category_id'") from None
     # Ids of 2^24 and above cannot occur in a PNG; they stay out of the table (so count as absent).
     table = np.unique(np.array([sid for sid, _, _ in parsed if 0 <= sid < 1 << 24] + [0], np.uint32))
-    entry = _entries(table, ids)
-    known = table[entry] == ids
-    all_known = bool(known.all())
-    counts = np.bincount((entry if all_known else np.where(known, entry, len(table))).ravel(),
-                         minlength=len(table) + 1)[:len(table)]
+    entry, counts = _entries(table, rgba)
+    all_known = not counts[len(table)]
+    counts = counts[:len(table)]
     position = {int(t): i for i, t in enumerate(table)}
     area_of = {int(t): int(c) for t, c in zip(table, counts) if c}
     value_of = np.full(len(table), VOID, np.int32)  # Unlisted ids: VOID (id 0) or handled below.
@@ -213,17 +243,13 @@ class CocoPanoptic:
       segments.append((value, k, False))
       if "score" in seg:
         scores[value] = float(seg["score"])
-    if not all_known:  # Ids in the PNG that the JSON does not list.
-      unlisted = np.unique(ids[~known]).tolist()
-      if not is_gt:
-        raise CocoFormatError(f"{where}: segment ids {unlisted[:10]} are in the PNG but not in segments_info")
-    panoptic = value_of[entry]
+    if not all_known and not is_gt:  # Ids in the PNG that the JSON does not list.
+      unlisted = np.unique(_ids(rgba)[entry == len(table)]).tolist()
+      raise CocoFormatError(f"{where}: segment ids {unlisted[:10]} are in the PNG but not in segments_info")
+    # The table's last row serves the pixels whose id is not listed: VOID, and for the GT the UNLISTED crowd value.
+    panoptic = np.take(np.append(value_of, np.int32(VOID)), entry)
     crowd = None
-    if is_gt:
-      crowd = crowd_of[entry]
-      if not all_known:
-        crowd[~known] = UNLISTED
-        panoptic[~known] = VOID
-    elif not all_known:
-      panoptic[~known] = VOID
+    crowd_of = np.append(crowd_of, np.int32(UNLISTED))
+    if is_gt and ((crowd_of[:-1] != NO_CROWD).any() or not all_known):
+      crowd = np.take(crowd_of, entry)  # Else no pixel is crowd or unlisted: no crowd map (the metric skips one).
     return LoadedImage(panoptic, crowd, scores, segments, missing_fn)

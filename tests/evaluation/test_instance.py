@@ -74,7 +74,8 @@ def _canonical_random_images(rng, count, tmp_path, h=40, w=56):
   for key in gt_side.annotations:
     g = gt_side.load(key, index, 1000, True)
     p = pred_side.load(key, index, 1000, False)
-    images.append((g.panoptic, g.crowd, p.panoptic, p.scores))
+    crowd = g.crowd if g.crowd is not None else np.full_like(g.panoptic, -1)  # None: no crowd pixel.
+    images.append((g.panoptic, crowd, p.panoptic, p.scores))
   return images
 
 
