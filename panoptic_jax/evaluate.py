@@ -12,6 +12,14 @@ categories by id and images by image_id (as panopticapi); any other combination 
 file stem). AP needs a score for every predicted thing segment: a `score` field in COCO `segments_info`, or in the
 project's format a segment list `segments/<stem>.json` per image (README, "The dataset format"); otherwise the output
 says that AP was not computed.
+
+A GT whose metadata.yaml says `task: semantic segmentation` (an external set with semantic labels only) is scored
+semantically: per-class IoU, mIoU, pixel accuracy and the confusion matrix, the categories matched by name or through
+`--class_map FILE.yaml` (their name: our name), optionally with pictures (`panoptic_jax/evaluation/
+semantic_external.py`):
+
+  python -m panoptic_jax.evaluate --gt EXTERNAL --pred PREDICTIONS [--class_map FILE.yaml] [--out results.json] \
+      [--pictures DIR] [--max_pictures 20]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import os
 import sys
 
 from panoptic_jax import cli, host_memory
+from panoptic_jax.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +48,45 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--max_segments", type=int, default=128,
                       help="initial segments per image of the jitted metric; grows automatically (default 128)")
   parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding files (default 4)")
+  semantic = parser.add_argument_group("semantic-only GT (metadata.yaml task: semantic segmentation)")
+  semantic.add_argument("--class_map", help="YAML file (or s3://) 'GT category name: predicted category name'; "
+                        "many-to-one allowed, null or unlisted = void (default: match categories by name)")
+  semantic.add_argument("--pictures", metavar="DIR", help="write image | label | prediction pictures and a "
+                        "confusion-matrix picture into DIR (folder or s3://)")
+  semantic.add_argument("--max_pictures", type=int, default=20,
+                        help="comparison pictures for the first N images (default 20)")
   return parser
+
+
+def _gt_task(args) -> str | None:
+  """The task in --gt's metadata.yaml (None for a COCO GT)."""
+  if args.gt is None:
+    return None
+  from panoptic_jax.data.dataset import read_metadata
+  from panoptic_jax.data.storage import open_storage
+  return read_metadata(open_storage(args.gt, args.endpoint_url)).task
+
+
+def _semantic(parser, args) -> int:
+  """The semantic-only evaluation of a semantic-segmentation GT."""
+  if args.pred is None or args.pred_json is not None or args.gt_json is not None:
+    parser.error("a semantic-segmentation GT (--gt) is scored against --pred, predictions in the project's format")
+  if args.max_pictures < 0:
+    parser.error(f"--max_pictures: expected a number >= 0, found {args.max_pictures}")
+  from panoptic_jax.evaluation import semantic_external  # Imports JAX (only for the mIoU helpers; nothing runs on it).
+  result = semantic_external.evaluate_external(args.gt, args.pred, args.class_map, args.endpoint_url,
+                                               pictures=args.pictures, max_pictures=args.max_pictures,
+                                               num_workers=args.workers)
+  print(semantic_external.format_report(result))
+  _write_json(result, args.out)
+  return 0
+
+
+def _write_json(result: dict, path: str | None) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {path}")
 
 
 def _one_device_per_core() -> None:
@@ -67,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+  from panoptic_jax.data.dataset_format import SEMANTIC_TASK  # No JAX.
+  try:
+    task = _gt_task(args)
+    if task == SEMANTIC_TASK:
+      return _semantic(parser, args)
+  except (UserError, ValueError, OSError) as e:
+    print(f"error: {cli.describe(e)}", file=sys.stderr)
+    return 2
+  for flag in ("class_map", "pictures"):
+    if getattr(args, flag) is not None:
+      parser.error(f"--{flag} applies to a GT with 'task: {SEMANTIC_TASK}' in its metadata.yaml; this GT is "
+                   f"{'a COCO panoptic JSON' if task is None else repr(task)}")
   _one_device_per_core()
   from panoptic_jax.evaluation import evaluator as evaluator_lib  # Imports JAX.
   from panoptic_jax.evaluation.coco_format import CocoFormatError
@@ -82,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
   result["gt"] = gt.describe
   result["pred"] = pred.describe
   print(evaluator_lib.format_table(result))
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+  _write_json(result, args.out)
   return 0
 
 

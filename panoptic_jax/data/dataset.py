@@ -7,9 +7,10 @@
 
 Pairing is by file stem: `<annotations>/<stem>.tif|.tiff` annotates `images/<stem>.<ext>`. Only files directly
 inside the two folders count (subfolders are ignored), and only with the known extensions (format.IMAGE_EXTENSIONS,
-format.ANNOTATION_EXTENSIONS, any letter case). Files without a partner are kept in `unpaired_images` /
-`unpaired_annotations` and reported with a warning (count and first names), never silently dropped. Two files of
-one folder with the same stem (000.jpg and 000.png) are ambiguous and raise FormatError.
+DatasetInfo.annotation_extensions: .tif / .tiff, and .png too for a semantic dataset; any letter case). Files
+without a partner are kept in `unpaired_images` / `unpaired_annotations` and reported with a warning (count and
+first names), never silently dropped. Two files of one folder with the same stem (000.jpg and 000.png) are
+ambiguous and raise FormatError.
 
 A Dataset holds only names and the metadata; it pickles cheaply (the storage rebuilds its client per process).
 """
@@ -124,13 +125,13 @@ class Dataset:
     info = read_metadata(storage)
     where = storage.describe()
     images = _index(IMAGES, storage.list_files(IMAGES), fmt.IMAGE_EXTENSIONS, where)
-    annotations = _index(info.annotations, storage.list_files(info.annotations), fmt.ANNOTATION_EXTENSIONS, where)
+    annotations = _index(info.annotations, storage.list_files(info.annotations), info.annotation_extensions, where)
     if require_images and not images:
       raise StorageError(f"{where}: no images found directly inside {storage.url(IMAGES)}/ (extensions "
                          f"{', '.join(fmt.IMAGE_EXTENSIONS)})", where, IMAGES)
     if not require_images and not annotations:
       raise StorageError(f"{where}: no annotations found directly inside {storage.url(info.annotations)}/ "
-                         f"(extensions {', '.join(fmt.ANNOTATION_EXTENSIONS)})", where, info.annotations)
+                         f"(extensions {', '.join(info.annotation_extensions)})", where, info.annotations)
     if require_images:
       names = sorted(images.keys() & annotations.keys())
       unpaired_annotations = sorted(annotations[s] for s in annotations.keys() - images.keys())

@@ -6,6 +6,12 @@ On disk (see the README, "The dataset format"):
   metadata.yaml               task, annotations, categories, colors, optional things
   segments/<stem>.json        optional: the segments of an annotation with their scores (predictions; see below)
 
+The semantic variant (`task: semantic segmentation`; external validation sets with semantic labels only) has the same
+layout and metadata without `things`; its annotation is one label image per image, `<annotations>/<stem>.png` (or a
+single-page `.tif` / `.tiff`): an RGB colour map in the palette of metadata.yaml, black = void (an alpha channel is
+dropped). It may be smaller than its image by one factor, as the panoptic maps may. It decodes into the same
+canonical map, every pixel `category * label_divisor` (instance 0: every category is treated as stuff).
+
 Inside the code there is one label representation, the int32 canonical panoptic map
 `category * label_divisor + instance` with categories 0..C-1 in metadata order and `VOID = -1`. Stuff segments have
 instance 0 (all segments of one stuff class in an image merge into one); thing instances are renumbered 1..K per
@@ -50,9 +56,12 @@ from panoptic_jax.errors import UserError
 
 VOID = -1
 TASK = "panoptic segmentation"
+SEMANTIC_TASK = "semantic segmentation"
+TASKS = (TASK, SEMANTIC_TASK)
 DEFAULT_LABEL_DIVISOR = 1000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 ANNOTATION_EXTENSIONS = (".tif", ".tiff")
+SEMANTIC_ANNOTATION_EXTENSIONS = (".png", ".tif", ".tiff")
 SEGMENTS = "segments"  # The folder of the optional segment lists, segments/<stem>.json.
 
 Color = tuple[int, int, int]
@@ -72,8 +81,9 @@ class DatasetInfo:
     categories: category names; a category's index in this tuple is its id in canonical maps.
     colors: the RGB colour of each category, or None for a category that has no colour (it cannot be annotated).
     is_thing: per category, True if its segments are countable instances.
-    annotations: the folder holding the annotation TIFFs, relative to the dataset root, without slashes.
+    annotations: the folder holding the annotation files, relative to the dataset root, without slashes.
     label_divisor: canonical maps store `category * label_divisor + instance`.
+    task: TASK (2-page TIFF panoptic maps) or SEMANTIC_TASK (label images; no thing is then an instance).
   """
 
   categories: tuple[str, ...]
@@ -81,10 +91,20 @@ class DatasetInfo:
   is_thing: tuple[bool, ...]
   annotations: str = "panoptic_maps"
   label_divisor: int = DEFAULT_LABEL_DIVISOR
+  task: str = TASK
 
   @property
   def num_classes(self) -> int:
     return len(self.categories)
+
+  @property
+  def is_semantic(self) -> bool:
+    return self.task == SEMANTIC_TASK
+
+  @property
+  def annotation_extensions(self) -> tuple[str, ...]:
+    """The annotation files' extensions (lower case); `encode_annotation` writes the first."""
+    return SEMANTIC_ANNOTATION_EXTENSIONS if self.is_semantic else ANNOTATION_EXTENSIONS
 
   @property
   def thing_ids(self) -> np.ndarray:
@@ -152,8 +172,8 @@ def parse_metadata(text: str, where: str = "metadata.yaml") -> DatasetInfo:
     raise FormatError(f"{where}: expected a mapping with task, annotations, categories, colors; "
                       f"found {type(meta).__name__}")
   task = meta.get("task")
-  if task != TASK:
-    raise FormatError(f"{where}: task: expected {TASK!r}, found {task!r}")
+  if task not in TASKS:
+    raise FormatError(f"{where}: task: expected {' or '.join(map(repr, TASKS))}, found {task!r}")
 
   annotations = meta.get("annotations")
   if not isinstance(annotations, str) or not annotations.strip("/"):
@@ -188,7 +208,12 @@ def parse_metadata(text: str, where: str = "metadata.yaml") -> DatasetInfo:
     logging.warning("%s: categories %s have no colour and cannot appear in annotations", where, uncoloured)
 
   things = meta.get("things")
-  if things is None:
+  if task == SEMANTIC_TASK:
+    if things is not None:
+      raise FormatError(f"{where}: things: a {SEMANTIC_TASK} dataset has no instances; remove the field (or make it "
+                        f"a {TASK} dataset)")
+    is_thing = (False,) * len(categories)
+  elif things is None:
     is_thing = (True,) * len(categories)
   else:
     if not isinstance(things, list):
@@ -204,13 +229,14 @@ def parse_metadata(text: str, where: str = "metadata.yaml") -> DatasetInfo:
     raise FormatError(f"{where}: label_divisor: expected an integer >= 2, found {label_divisor!r}")
   if len(categories) * label_divisor >= 2**31:
     raise FormatError(f"{where}: label_divisor: {len(categories)} categories x {label_divisor} overflows int32")
-  return DatasetInfo(categories, colors, is_thing, annotations, label_divisor)
+  return DatasetInfo(categories, colors, is_thing, annotations, label_divisor, task)
 
 
 def metadata_yaml(info: DatasetInfo) -> str:
   """Writes a DatasetInfo as metadata.yaml text that `parse_metadata` reads back identically."""
-  lines = [f"task: {TASK}", f"annotations: {info.annotations}/", f"categories: {_yaml_list(info.categories)}"]
-  lines.append(f"things: {_yaml_list([c for c, t in zip(info.categories, info.is_thing) if t])}")
+  lines = [f"task: {info.task}", f"annotations: {info.annotations}/", f"categories: {_yaml_list(info.categories)}"]
+  if not info.is_semantic:
+    lines.append(f"things: {_yaml_list([c for c, t in zip(info.categories, info.is_thing) if t])}")
   if info.label_divisor != DEFAULT_LABEL_DIVISOR:
     lines.append(f"label_divisor: {info.label_divisor}")
   lines.append("colors:")
@@ -236,8 +262,20 @@ def _pack_rgb(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
   return (r.astype(np.int32) << 16) | (g.astype(np.int32) << 8) | b.astype(np.int32)
 
 
-def _rgb_planes(page: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The R, G, B planes of page 1, channels-first [3, H, W] (tifffile's planar layout) or channels-last [H, W, 3]."""
+def _planar(tiff: tifffile.TiffFile) -> bool | None:
+  """Whether the first page stores its samples as separate planes (PLANARCONFIG 2); None without pages."""
+  return int(tiff.pages[0].planarconfig) == 2 if len(tiff.pages) else None
+
+
+def _rgb_planes(page: np.ndarray, where: str,
+                separate: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The R, G, B planes of page 1, channels-first [3, H, W] (tifffile's planar layout) or channels-last [H, W, 3].
+
+  `separate`: the page's planar configuration from the TIFF header, which settles shapes such as [4, 6, 3] that fit
+  both layouts; None guesses from the shape.
+  """
+  if separate is not None and page.ndim == 3 and page.shape[0 if separate else -1] in (3, 4):
+    return (page[0], page[1], page[2]) if separate else (page[..., 0], page[..., 1], page[..., 2])
   if page.ndim == 3 and page.shape[-1] in (3, 4) and page.shape[0] not in (3, 4):
     return page[..., 0], page[..., 1], page[..., 2]
   if page.ndim == 3 and page.shape[0] in (3, 4):
@@ -253,8 +291,12 @@ def resize_nearest(label: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
   return label[rows[:, None], cols[None, :]]
 
 
-def _check_scale(map_hw: tuple[int, int], image_hw: tuple[int, int], where: str) -> None:
-  """A map may be smaller than its image by one factor in both directions (within one map pixel of rounding)."""
+def check_scale(map_hw: tuple[int, int], image_hw: tuple[int, int], where: str) -> None:
+  """A map may be smaller than its image by one factor in both directions (within one map pixel of rounding).
+
+  Raises:
+    FormatError: naming `where`, when the map is larger than the image or its aspect ratio differs.
+  """
   (h, w), (big_h, big_w) = map_hw, image_hw
   if h > big_h or w > big_w:
     raise FormatError(f"{where}: annotation is {h}x{w} but its image is only {big_h}x{big_w}; "
@@ -266,13 +308,22 @@ def _check_scale(map_hw: tuple[int, int], image_hw: tuple[int, int], where: str)
                       f"(aspect {big_w / big_h:.4f}); the annotation must be the image scaled by one factor")
 
 
+def fit_to_image(label: np.ndarray, image_hw: tuple[int, int] | None, where: str) -> np.ndarray:
+  """A decoded [h, w] map resized (nearest) to its image's (H, W) after `check_scale`; as it is for None."""
+  if image_hw is None or tuple(image_hw) == label.shape:
+    return label
+  check_scale(label.shape, tuple(image_hw), where)
+  return resize_nearest(label, tuple(image_hw))
+
+
 def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] | None = None,
                       where: str = "annotation") -> np.ndarray:
-  """Decodes a 2-page TIFF into the canonical panoptic map.
+  """Decodes an annotation file into the canonical panoptic map: a 2-page TIFF, or for a semantic dataset a label
+  image (`decode_label_image`).
 
   Args:
-    data: the TIFF file's bytes.
-    info: the dataset's metadata (palette, things, label divisor).
+    data: the file's bytes.
+    info: the dataset's metadata (task, palette, things, label divisor).
     image_hw: (H, W) of the image it annotates; a smaller map is resized (nearest) to it. None keeps the map's size.
     where: the file's name for error messages.
 
@@ -283,25 +334,74 @@ def decode_annotation(data: bytes, info: DatasetInfo, image_hw: tuple[int, int] 
     FormatError: naming the file, for undecodable data, a page count other than 2, page shapes that differ, a wrong
       aspect ratio, colours not in the palette, or more instances of one category than label_divisor - 1.
   """
+  if info.is_semantic:
+    return fit_to_image(decode_label_image(data, info, where), image_hw, where)
   try:
     with tifffile.TiffFile(io.BytesIO(data)) as tiff:
       pages = [page.asarray() for page in tiff.pages]
+      separate = _planar(tiff)
   except Exception as e:  # tifffile raises many types for corrupt input; all mean the same thing to the user.
     raise FormatError(f"{where}: cannot decode as TIFF: {type(e).__name__}: {e}") from None
   if len(pages) != 2:
     raise FormatError(f"{where}: expected 2 pages (RGB category map, instance-id map), found {len(pages)}")
-  planes = _rgb_planes(pages[0], where)
+  planes = _rgb_planes(pages[0], where, separate)
   ids = pages[1]
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
     raise FormatError(f"{where}: page 2 must be a 2-D integer instance-id map; found shape {ids.shape} {ids.dtype}")
   if planes[0].shape != ids.shape:
     raise FormatError(f"{where}: page shapes differ: category map {planes[0].shape}, instance map {ids.shape}")
 
-  panoptic = _panoptic_from_pages(_pack_rgb(*planes), ids, info, where)
-  if image_hw is not None and tuple(image_hw) != panoptic.shape:
-    _check_scale(panoptic.shape, tuple(image_hw), where)
-    panoptic = resize_nearest(panoptic, tuple(image_hw))
-  return panoptic
+  return fit_to_image(_panoptic_from_pages(_pack_rgb(*planes), ids, info, where), image_hw, where)
+
+
+def _is_tiff(data: bytes) -> bool:
+  return data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # Classic and BigTIFF, both byte orders.
+
+
+def decode_label_image(data: bytes, info: DatasetInfo, where: str = "label image") -> np.ndarray:
+  """Decodes a semantic dataset's label image (an RGB colour map in the metadata's palette) at its own size.
+
+  Args:
+    data: the file's bytes: PNG (or another format Pillow reads; modes RGB, RGBA with the alpha dropped, P) or a
+      single-page TIFF (either planar layout).
+    info: the dataset's metadata (palette, label divisor).
+    where: the file's name for error messages.
+
+  Returns:
+    int32 [h, w] canonical map: `category * label_divisor` where the colour is a category's, VOID where black.
+
+  Raises:
+    FormatError: naming the file: undecodable, not an RGB colour map (a single-channel class-id image, several TIFF
+      pages), or colours not in the palette (listed with their pixel counts).
+  """
+  if _is_tiff(data):
+    try:
+      with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        pages = [page.asarray() for page in tiff.pages]
+        separate = _planar(tiff)
+    except Exception as e:  # tifffile raises many types for corrupt input.
+      raise FormatError(f"{where}: cannot decode as TIFF: {type(e).__name__}: {e}") from None
+    if len(pages) != 1:
+      raise FormatError(f"{where}: expected a single-page RGB colour map, found {len(pages)} pages")
+    planes = _rgb_planes(pages[0], where, separate)
+  else:
+    try:
+      with Image.open(io.BytesIO(data)) as image:
+        mode = image.mode
+        if mode in ("RGB", "RGBA", "P", "PA"):
+          rgb = np.asarray(image.convert("RGBA"))  # Via RGBA: a palette with transparency converts without warning.
+    except Exception as e:  # Pillow raises several types for corrupt input.
+      raise FormatError(f"{where}: cannot decode as an image: {type(e).__name__}: {e}") from None
+    if mode not in ("RGB", "RGBA", "P", "PA"):
+      raise FormatError(f"{where}: expected an RGB colour map (PNG mode RGB, RGBA or P), found mode {mode}; a "
+                        "single-channel image of class ids is not a colour map: colour it with metadata.yaml's "
+                        "palette")
+    planes = (rgb[..., 0], rgb[..., 1], rgb[..., 2])
+  codes = _pack_rgb(*planes)
+  entries = _palette_lookup(info.colors, info.is_thing)[codes]
+  if (entries == _UNKNOWN_COLOR).any():
+    raise _unknown_color_error(codes, entries, where)
+  return np.where(entries == 0, VOID, ((entries.astype(np.int32) >> 1) - 1) * info.label_divisor).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=8)
@@ -354,7 +454,8 @@ def _panoptic_from_pages(codes: np.ndarray, ids: np.ndarray, info: DatasetInfo, 
 
 
 def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 1, id_step: int = 1) -> bytes:
-  """Encodes a canonical panoptic map as a 2-page TIFF (zlib), the inverse of `decode_annotation`.
+  """Encodes a canonical panoptic map as a 2-page TIFF (zlib), the inverse of `decode_annotation`; for a semantic
+  dataset as an RGB PNG label image of its categories (instances dropped; the file's extension is then .png).
 
   Args:
     panoptic: int32 [H, W] canonical map.
@@ -364,7 +465,7 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
 
   Returns:
     The file's bytes: page 1 RGB channels-first, page 2 the instance numbers as the smallest unsigned type that holds
-    them.
+    them; a PNG for a semantic dataset.
   """
   panoptic = np.asarray(panoptic)
   if downscale > 1:
@@ -379,6 +480,8 @@ def encode_annotation(panoptic: np.ndarray, info: DatasetInfo, downscale: int = 
     if missing:
       raise ValueError(f"categories {missing} have no colour in the metadata and cannot be written")
   palette = np.array([c if c is not None else (0, 0, 0) for c in info.colors] + [(0, 0, 0)], np.uint8)
+  if info.is_semantic:
+    return encode_image(palette[category], ".png")
   rgb = palette.T[:, category]  # [3, H, W]: tifffile's planar RGB layout, built without a transpose copy.
   instance = np.where(category >= 0, panoptic - category * info.label_divisor, 0).astype(np.int64) * id_step
   top = instance.max(initial=0)

@@ -5,10 +5,11 @@
 LOCATION is a folder or `s3://bucket/prefix`. Every image is decoded in full (a truncated or corrupt file is an
 error, as it would be in training), every annotation is decoded against its image's size, and the summary is
 printed: images, annotated images, unpaired files (count and names), per category the number of segments, pixels (at
-image resolution) and images (things / stuff marked), void pixels, annotation scales ("1x: 40, 2x: 10") and
-instance-id dtypes. `--json FILE` writes the same summary as JSON. Exit status 1, with the list of errors (file:
-reason), when anything is invalid; 0 otherwise. Files without a partner are reported, not errors (images alone are
-valid for prediction).
+image resolution) and images (things / stuff marked), void pixels and their share, annotation scales ("1x: 40, 2x:
+10") and instance-id dtypes. A semantic dataset (`task: semantic segmentation`: label images, README "Semantic-only
+external sets") is summarised the same way without segments, kinds and instance ids. `--json FILE` writes the same
+summary as JSON. Exit status 1, with the list of errors (file: reason), when anything is invalid; 0 otherwise.
+Files without a partner are reported, not errors (images alone are valid for prediction).
 
 `--headers_only` reads only the image headers (the size): faster, since no pixels are decoded, but blind to truncated
 or corrupt pixel data. The final line then says that the images were only header-checked, never that every file is
@@ -56,11 +57,10 @@ def _reason(message: str, where: str) -> str:
   return message.removeprefix(f"{where}: ")
 
 
-def _annotation_header(data: bytes) -> tuple[int, str | None, tuple[int, ...] | None]:
-  """(page count, dtype of page 2, shape of page 2) from the TIFF header; only used after a successful decode."""
+def _id_dtype(data: bytes) -> str:
+  """The dtype of page 2 (instance ids) from a panoptic TIFF's header; only used after a successful decode."""
   with tifffile.TiffFile(io.BytesIO(data)) as tiff:
-    pages = tiff.pages
-    return len(pages), str(pages[1].dtype), tuple(pages[1].shape)
+    return str(tiff.pages[1].dtype)
 
 
 def _stats(panoptic: np.ndarray, info: fmt.DatasetInfo) -> tuple[np.ndarray, np.ndarray, int]:
@@ -107,14 +107,15 @@ def _check(task: tuple[str, str | None, str | None]) -> dict:
   if annotation_path in blobs and (image_path is None or image_hw is not None):
     where = storage.url(annotation_path)
     try:
-      panoptic = fmt.decode_annotation(blobs[annotation_path], info, image_hw, where=where)
+      stored = fmt.decode_annotation(blobs[annotation_path], info, where=where)  # At the file's own size.
+      panoptic = fmt.fit_to_image(stored, image_hw, where)
     except fmt.FormatError as e:
       result["errors"].append((where, _reason(str(e), where)))
     else:
-      _, dtype, shape = _annotation_header(blobs[annotation_path])
-      result["id_dtype"] = dtype
+      if not info.is_semantic:
+        result["id_dtype"] = _id_dtype(blobs[annotation_path])
       if image_hw is not None:
-        result["scale"] = f"{round(image_hw[0] / shape[0], 2):g}x"
+        result["scale"] = f"{round(image_hw[0] / stored.shape[0], 2):g}x"
       result["segments"], result["pixels"], result["void"] = _stats(panoptic, info)
   return result
 
@@ -192,8 +193,18 @@ def validate_dataset(location: str, endpoint_url: str | None = None, workers: in
   finally:
     bar.close()
 
+  labelled = int(pixels.sum())
+  if info.is_semantic:
+    categories = [{"name": name, "color": list(color) if color else None, "pixels": int(p), "images": int(n)}
+                  for name, color, p, n in zip(info.categories, info.colors, pixels, images_with)]
+  else:
+    categories = [{"name": name, "kind": "thing" if thing else "stuff", "color": list(color) if color else None,
+                   "segments": int(s), "pixels": int(p), "images": int(n)}
+                  for name, thing, color, s, p, n in zip(info.categories, info.is_thing, info.colors, segments, pixels,
+                                                         images_with)]
   return {
       "location": storage.describe(),
+      "task": info.task,
       "valid": not errors,
       "images_decoded": not headers_only,
       "images": dataset.num_images,
@@ -202,11 +213,9 @@ def validate_dataset(location: str, endpoint_url: str | None = None, workers: in
       "unpaired_images": {"count": len(dataset.unpaired_images), "names": _names(dataset.unpaired_images)},
       "unpaired_annotations": {"count": len(dataset.unpaired_annotations),
                                "names": _names(dataset.unpaired_annotations)},
-      "categories": [{"name": name, "kind": "thing" if thing else "stuff", "color": list(color) if color else None,
-                      "segments": int(s), "pixels": int(p), "images": int(n)}
-                     for name, thing, color, s, p, n in zip(info.categories, info.is_thing, info.colors, segments,
-                                                            pixels, images_with)],
+      "categories": categories,
       "void_pixels": int(void),
+      "void_share": void / (void + labelled) if void + labelled else None,  # Of the annotated images' pixels.
       "annotation_scales": dict(sorted(scales.items(), key=lambda kv: float(kv[0][:-1]))),
       "id_dtypes": dict(sorted(dtypes.items())),
       "errors": errors,
@@ -226,18 +235,25 @@ def format_summary(summary: dict) -> str:
       names = ", ".join(u["names"][:_MAX_NAMES]) + (f" and {u['count'] - _MAX_NAMES} more"
                                                     if u["count"] > _MAX_NAMES else "")
       return f"  {what}: {u['count']}" + (f" ({names})" if u["count"] else "")
-    lines += [f"  images: {summary['images']}", f"  annotations: {summary['annotations']}",
-              f"  annotated images: {summary['annotated_images']}",
+    semantic = summary.get("task") == fmt.SEMANTIC_TASK
+    share = summary.get("void_share")
+    lines += [f"  task: {summary.get('task', fmt.TASK)}", f"  images: {summary['images']}",
+              f"  annotations: {summary['annotations']}", f"  annotated images: {summary['annotated_images']}",
               unpaired("unpaired_images", "images without annotation"),
               unpaired("unpaired_annotations", "annotations without image"),
-              f"  annotation scales: {_counts(summary['annotation_scales'])}",
-              f"  instance-id dtypes: {_counts(summary['id_dtypes'])}",
-              f"  void pixels: {summary['void_pixels']}",
+              f"  annotation scales: {_counts(summary['annotation_scales'])}"]
+    if not semantic:
+      lines.append(f"  instance-id dtypes: {_counts(summary['id_dtypes'])}")
+    lines += [f"  void pixels: {summary['void_pixels']}" + (f" ({100 * share:.2f}%)" if share is not None else ""),
               f"  categories ({len(summary['categories'])}):"]
     width = max(8, *(len(c["name"]) for c in summary["categories"]))
-    lines.append(f"    {'name':<{width}}  kind   {'segments':>9}  {'images':>7}  {'pixels':>13}")
-    for c in summary["categories"]:
-      lines.append(f"    {c['name']:<{width}}  {c['kind']:<5}  {c['segments']:>9}  {c['images']:>7}  {c['pixels']:>13}")
+    if semantic:
+      lines.append(f"    {'name':<{width}}  {'images':>7}  {'pixels':>13}")
+      lines += [f"    {c['name']:<{width}}  {c['images']:>7}  {c['pixels']:>13}" for c in summary["categories"]]
+    else:
+      lines.append(f"    {'name':<{width}}  kind   {'segments':>9}  {'images':>7}  {'pixels':>13}")
+      lines += [f"    {c['name']:<{width}}  {c['kind']:<5}  {c['segments']:>9}  {c['images']:>7}  {c['pixels']:>13}"
+                for c in summary["categories"]]
   errors = summary["errors"]
   if errors:
     lines.append(f"INVALID: {len(errors)} errors")

@@ -55,7 +55,7 @@ def test_metadata_without_things_makes_every_category_a_thing():
   assert fmt.parse_metadata(_meta()).is_thing == (True, True)
 
 
-@pytest.mark.parametrize("task", ["semantic segmentation", "", None])
+@pytest.mark.parametrize("task", ["instance segmentation", "", None])
 def test_unknown_task(task):
   with pytest.raises(fmt.FormatError, match=r"m\.yaml: task: expected 'panoptic segmentation'"):
     fmt.parse_metadata(_meta(task=task), where="m.yaml")
@@ -169,6 +169,16 @@ def test_decode_id_dtypes_and_planar_layouts(info, id_dtype, id_offset, channels
   with tifffile.TiffFile(io.BytesIO(data)) as tiff:
     assert tiff.pages[1].dtype == id_dtype
   np.testing.assert_array_equal(fmt.decode_annotation(data, info), panoptic)
+
+
+@pytest.mark.parametrize("hw", [(4, 6), (3, 8)])
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_planar_layout_comes_from_the_header_when_the_shape_fits_both(info, hw, channels_first):
+  """A 4-row map stored channels-last is [4, 6, 3]: its shape alone does not tell which axis holds the colours."""
+  panoptic = _random_panoptic(info, hw=hw, max_instances=2)
+  rgb, ids = _pages_of(panoptic, info)
+  page1 = np.ascontiguousarray(np.moveaxis(rgb, -1, 0)) if channels_first else rgb
+  np.testing.assert_array_equal(fmt.decode_annotation(_write_tiff([page1, ids]), info), panoptic)
 
 
 def test_encode_picks_wider_id_dtype_for_many_instances():
