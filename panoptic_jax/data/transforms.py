@@ -28,7 +28,20 @@ rounding, and when shrinking Pillow averages (antialiases) where OpenCV interpol
 Reproducibility (same seed, same batches) holds for one backend.
 
 Photometric jitter (train): brightness, contrast, saturation and a hue rotation, composed into one 3x4 colour matrix
-and applied in one call at whichever of source window / crop has fewer pixels.
+and applied in one call at whichever of source window / crop has fewer pixels. This jitter is our own option:
+DeepLab2 has none.
+
+AutoAugment (train, `AugmentConfig.autoaugment`, autoaugment.py): DeepLab2's photometric policy, the one its kMaX
+recipes use ("simple_classification_policy" for COCO / ADE20K, "..._magnitude_scale_0.2" for Cityscapes), instead
+of any colour jitter. DeepLab2 (input_preprocessing.preprocess_image_and_label) applies it after the random scale,
+before padding, crop and flip, to the whole scaled image; here it applies to the crop's image content (never its
+padding), after the geometry's draws, to the main crop and the copy-paste partner alike (as DeepLab2's
+sample_generator does). Its per-pixel ops (Brightness, Color, Solarize, Posterize, Invert) and Contrast (whose
+degenerate grey depends on the whole scaled image's pixel count, passed along) are the same on the crop; when the
+scaled image is larger than the crop, Equalize's histogram (and AutoContrast's min / max) is the visible window's,
+not the whole scaled image's, and Sharpness keeps the crop's 1-pixel frame unsmoothed. When both are on, the jitter
+comes first (inside the resampling) and AutoAugment sees the jittered crop; DeepLab2's recipe is the jitter off
+(brightness = contrast = saturation = hue = 0) and autoaugment on. Labels are never changed by either.
 
 Mask-slot targets (kMaX-DeepLab, docs/kmax.md, section 5): computed on the label at the model output stride
 (`panoptic[::stride, ::stride]`), so every slot has at least one pixel there. One slot per thing instance, one per
@@ -64,6 +77,7 @@ from typing import Sequence
 import grain
 import numpy as np
 
+from panoptic_jax.data import autoaugment as autoaugment_lib
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.resampling import BACKENDS, PAD_PIXEL, recolor, resize_and_pad, resolve_backend, scale_crop
 
@@ -92,6 +106,8 @@ class AugmentConfig:
     backend: "cv2" (OpenCV), "pil" (Pillow), or "auto" (OpenCV when installed); see the module docstring.
     copy_paste: paste segments of a partner image over each crop (module docstring); the pipeline then reads a
       partner per element.
+    autoaugment: DeepLab2's AutoAugment policy by name (a key of autoaugment.POLICIES), "" for none; applied to
+      the crop's content after the geometry (module docstring). DeepLab2's kMaX recipes use it, not the jitter above.
   """
 
   crop_size: tuple[int, int] = (641, 641)
@@ -107,6 +123,7 @@ class AugmentConfig:
   pad_value: int = PAD_PIXEL
   backend: str = "auto"
   copy_paste: bool = False
+  autoaugment: str = ""
 
   def __post_init__(self):
     if self.backend not in BACKENDS:
@@ -122,6 +139,9 @@ class AugmentConfig:
         raise ValueError(f"{name}: expected a jitter strength in [0, 1), found {getattr(self, name)}")
     if not 0 <= self.hue <= 0.5:
       raise ValueError(f"hue: expected a rotation in [0, 0.5] turns, found {self.hue}")
+    if self.autoaugment and self.autoaugment not in autoaugment_lib.POLICIES:
+      raise ValueError(f"autoaugment: expected '' (off) or one of {sorted(autoaugment_lib.POLICIES)}, "
+                       f"found {self.autoaugment!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +177,8 @@ class TargetConfig:
 
 def random_scale_crop_flip(image: np.ndarray, panoptic: np.ndarray, rng: np.random.Generator, config: AugmentConfig,
                            color_matrix=None) -> tuple[np.ndarray, np.ndarray]:
-  """The train geometry: (base resize) -> random scale -> random crop with padding -> random horizontal flip.
+  """The train geometry: (base resize) -> random scale -> random crop with padding -> random horizontal flip, then
+  the AutoAugment policy (config.autoaugment) on the crop's content, drawn after the geometry (module docstring).
 
   Args:
     image: uint8 [H, W, 3].
@@ -184,8 +205,31 @@ def random_scale_crop_flip(image: np.ndarray, panoptic: np.ndarray, rng: np.rand
   r0 = int(rng.integers(0, math.floor(h - ch / scale) + 1)) if h * scale > ch else 0
   c0 = int(rng.integers(0, math.floor(w - cw / scale) + 1)) if w * scale > cw else 0
   flip = bool(rng.random() < config.flip_prob)
-  return scale_crop(image, panoptic, scale, (r0, c0), (ch, cw), flip, config.pad_value, color_matrix,
-                     resolve_backend(config.backend))
+  out_image, out_panoptic = scale_crop(image, panoptic, scale, (r0, c0), (ch, cw), flip, config.pad_value,
+                                       color_matrix, resolve_backend(config.backend))
+  if config.autoaugment:
+    rows, cols = content_box((h, w), scale, (r0, c0), (ch, cw), flip)
+    # Contrast's degenerate grey depends on the pixel count of the whole scaled image (DeepLab2: int(side * scale)).
+    num_pixels = max(1, int(h * scale)) * max(1, int(w * scale))
+    if not out_image.flags.writeable:  # Pillow's arrays are read-only views.
+      out_image = out_image.copy()
+    out_image[rows, cols] = autoaugment_lib.apply_policy(out_image[rows, cols], rng, config.autoaugment, num_pixels)
+  return out_image, out_panoptic
+
+
+def content_box(shape_hw: tuple[int, int], scale: float, origin: tuple[int, int], crop_hw: tuple[int, int],
+                flip: bool) -> tuple[slice, slice]:
+  """The rows and columns of a `scale_crop` output that hold image content (the rest is padding).
+
+  Mirrors resampling.scale_crop's window arithmetic (tests/data/test_autoaugment.py checks the two agree).
+  """
+  h, w = shape_hw
+  ch, cw = crop_hw
+  r0, c0 = origin
+  wh, ww = min(h - r0, math.ceil(ch / scale) + 1), min(w - c0, math.ceil(cw / scale) + 1)
+  out_h, out_w = min(ch, max(1, round(wh * scale))), min(cw, max(1, round(ww * scale)))
+  px = cw - out_w if flip else 0
+  return slice(0, out_h), slice(px, px + out_w)
 
 
 def paste_segments(image: np.ndarray, panoptic: np.ndarray, partner_image: np.ndarray, partner: np.ndarray,
@@ -351,7 +395,7 @@ class TrainTransform(grain.transforms.RandomMap):
 
   def _augment(self, element: dict, rng: np.random.Generator, augment: AugmentConfig
                ) -> tuple[np.ndarray, np.ndarray]:
-    """The element's random crop: colour jitter, scale, crop, flip."""
+    """The element's random crop: colour jitter, scale, crop, flip, then AutoAugment (when configured)."""
     image = element["image"]
     matrix = photometric_matrix(rng, augment, image) if self.photometric else None
     try:

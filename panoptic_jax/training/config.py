@@ -37,7 +37,7 @@ class ConfigError(UserError, ValueError):
 
 # The augmentation fields a run config exposes (the rest of `AugmentConfig` is implementation detail).
 _INPUT_FIELDS = ("crop_size", "min_scale", "max_scale", "scale_step", "resize_to_crop", "flip_prob", "brightness",
-                 "contrast", "saturation", "hue", "copy_paste")
+                 "contrast", "saturation", "hue", "copy_paste", "autoaugment")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.init_from_exclude = ""  # A regex: our variables / the file's tensors it matches are not imported.
 
   augment = transforms.AugmentConfig()
+  # input.autoaugment: DeepLab2's photometric policy by name ("" off; data/autoaugment.py lists the two), which its
+  # kMaX recipes use instead of the brightness / contrast / saturation / hue jitter.
   config.input = ml_collections.ConfigDict({name: getattr(augment, name) for name in _INPUT_FIELDS})
   config.input.num_workers = -1  # Worker processes decoding and augmenting; 0: threads of the main process; -1: one
   #                                per host core.
