@@ -211,3 +211,35 @@ def test_the_command(tmp_path, capsys):
                    str(tmp_path / "out"), "--workers", "1", "--no_progress"])
   printed = capsys.readouterr().out
   assert code == 1 and "converted 2" in printed and "failed 1" in printed  # Image c is broken on purpose.
+
+
+def test_written_in_the_cityscapes_label_space_through_a_class_map(tmp_path, capsys):
+  """`--class_map --label_space cityscapes`: Cityscapes' categories and colours; road and sky merge as stuff, cars
+  and people keep one instance each, Person Group (stuff in Vistas) becomes one more person, unmapped classes void."""
+  ids = _write_vistas(tmp_path / "vistas")
+  source = mapillary.convert(str(tmp_path / "vistas"), "training", str(tmp_path / "plain"), progress=False)
+  assert sorted(source.converted) == ["a", "b"]
+  names = fmt.parse_metadata((tmp_path / "plain" / "metadata.yaml").read_text()).categories
+  (tmp_path / "map.yaml").write_text(f"'{names[ROAD]}': road\n'{names[CAR]}': car\n'{names[PERSON]}': person\n"
+                                     f"'{names[GROUP]}': person\n'{names[SKY]}': null\n")
+  code = cli.main(["mapillary", "--root", str(tmp_path / "vistas"), "--split", "training", "--out",
+                   str(tmp_path / "out"), "--workers", "1", "--no_progress", "--class_map", str(tmp_path / "map.yaml"),
+                   "--label_space", "cityscapes"])
+  assert code == 1 and "converted 2" in capsys.readouterr().out  # Image c is broken on purpose.
+  dataset = Dataset.open(tmp_path / "out")
+  assert dataset.info.categories[:3] == ("road", "sidewalk", "building") and len(dataset.info.categories) == 19
+  road, person, car = 0, 11, 13
+  maps = {name: dataset.read_panoptic(i) for i, name in enumerate(dataset.names)}
+  b = maps["b"]
+  expected = np.full(ids["b"].shape, road * 1000, np.int32)
+  expected[ids["b"] == 4] = person * 1000 + 1
+  expected[ids["b"] == 8] = person * 1000 + 2
+  np.testing.assert_array_equal(b, expected)
+  a = maps["a"]
+  assert (a[ids["a"] == 5] == fmt.VOID).all()  # Sky: null in the map.
+  assert sorted(np.unique(a[a // 1000 == car]).tolist()) == [car * 1000 + 1, car * 1000 + 2]
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("'no such class': road\n")
+  code = cli.main(["mapillary", "--root", str(tmp_path / "vistas"), "--split", "training", "--out",
+                   str(tmp_path / "out2"), "--no_progress", "--class_map", str(bad), "--label_space", "cityscapes"])
+  assert code == 2 and "'no such class'" in capsys.readouterr().err

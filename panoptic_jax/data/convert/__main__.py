@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="worker processes (1: convert in this process)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--class_map", default=None,
+                   help="write the dataset in another label space: a YAML file 'source name: target name' (many to "
+                   "one allowed; null or unlisted: void); needs --label_space")
+    p.add_argument("--label_space", default=None,
+                   help="the target label space of --class_map: 'cityscapes' (its 19 classes) or a dataset location "
+                   "whose metadata.yaml gives the categories, things and colours")
 
   coco = sub.add_parser("coco", help="COCO panoptic (panopticapi PNG + JSON)")
   coco.add_argument("--images", required=True, help="folder of the split's images (e.g. COCO/val2017)")
@@ -97,6 +103,24 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _label_space(args: argparse.Namespace):
+  """The --class_map / --label_space pair as a common.LabelSpace, or None."""
+  if (args.class_map is None) != (args.label_space is None):
+    raise ValueError("--class_map and --label_space go together: the class map names the label space's categories")
+  if args.class_map is None:
+    return None
+  from panoptic_jax.data import dataset_format as fmt  # pylint: disable=g-import-not-at-top
+  from panoptic_jax.data.class_map import ClassMap  # pylint: disable=g-import-not-at-top
+  from panoptic_jax.data.convert import cityscapes, common  # pylint: disable=g-import-not-at-top
+  from panoptic_jax.data.storage import open_storage  # pylint: disable=g-import-not-at-top
+  if args.label_space == "cityscapes":
+    target = cityscapes.dataset_info()
+  else:
+    text = open_storage(args.label_space, args.endpoint_url).read_bytes("metadata.yaml").decode()
+    target = fmt.parse_metadata(text, f"{args.label_space}/metadata.yaml")
+  return common.LabelSpace(target, ClassMap.read(args.class_map, args.endpoint_url))
+
+
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   logging.use_absl_handler()
@@ -104,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
   # Imported here so that --help answers at once.
   from panoptic_jax.data.convert import (  # pylint: disable=g-import-not-at-top
       bdd100k, cityscapes, coco, common, kitti_step, mapillary)
-  run = dict(crowd=args.crowd, endpoint_url=args.endpoint_url, workers=args.workers, progress=not args.no_progress)
   try:
+    run = dict(crowd=args.crowd, endpoint_url=args.endpoint_url, workers=args.workers, progress=not args.no_progress,
+               label_space=_label_space(args))
     if args.dataset == "coco":
       summary = coco.convert(args.images, args.panoptic_json, args.panoptic_dir, args.out, **run)
     elif args.dataset == "cityscapes":

@@ -235,7 +235,8 @@ def find_examples(root: str, split: str, *, images: str | None = None, bitmasks:
 
 def convert(root: str, split: str, out: str, *, images: str | None = None, bitmasks: str | None = None,
             crowd: str = "ignore", endpoint_url: str | None = None, workers: int = 1,
-            progress: bool = True) -> common.Summary:
+            progress: bool = True,
+            label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one BDD100K pan_seg split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc.
 
   Args:
@@ -260,4 +261,5 @@ def convert(root: str, split: str, out: str, *, images: str | None = None, bitma
   return common.run_conversion(
       examples, dataset_info(), convert_bitmask, out=out, endpoint_url=endpoint_url, workers=workers,
       options={"crowd": crowd}, failed=failed, unpaired=unpaired, progress=progress,
+      label_space=label_space,
       provenance=f"converted from BDD100K pan_seg {split} (bitmasks) with --crowd {crowd}")

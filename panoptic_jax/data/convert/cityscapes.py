@@ -262,7 +262,8 @@ def find_examples(root: str, split: str, *, layout: str = "auto", images: str | 
 
 def convert(root: str, split: str, out: str, *, layout: str = "auto", images: str | None = None,
             panoptic_json: str | None = None, panoptic_dir: str | None = None, crowd: str = "ignore",
-            endpoint_url: str | None = None, workers: int = 1, progress: bool = True) -> common.Summary:
+            endpoint_url: str | None = None, workers: int = 1, progress: bool = True,
+            label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one Cityscapes split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc."""
   if crowd not in CROWD_MODES:
     raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
@@ -274,4 +275,5 @@ def convert(root: str, split: str, out: str, *, layout: str = "auto", images: st
   return common.run_conversion(
       examples, dataset_info(), convert_fn, out=out, endpoint_url=endpoint_url, workers=workers,
       options={**options, "crowd": crowd}, failed=failed, unpaired=unpaired, progress=progress,
+      label_space=label_space,
       provenance=f"converted from Cityscapes {split} ({layout}) with --crowd {crowd}")

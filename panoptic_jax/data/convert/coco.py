@@ -135,7 +135,8 @@ def convert_example(example: common.Example, info: fmt.DatasetInfo, category_ind
 
 
 def convert(images: str, panoptic_json: str, panoptic_dir: str, out: str, *, crowd: str = "ignore",
-            endpoint_url: str | None = None, workers: int = 1, progress: bool = True) -> common.Summary:
+            endpoint_url: str | None = None, workers: int = 1, progress: bool = True,
+            label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts a COCO panoptic split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc."""
   if crowd not in CROWD_MODES:
     raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
@@ -146,4 +147,5 @@ def convert(images: str, panoptic_json: str, panoptic_dir: str, out: str, *, cro
   return common.run_conversion(
       examples, info, convert_example, out=out, endpoint_url=endpoint_url, workers=workers,
       options={"category_index": index, "crowd": crowd}, failed=failed, unpaired=unpaired, progress=progress,
+      label_space=label_space,
       provenance=f"converted from COCO panoptic {pathlib.Path(panoptic_json).name} with --crowd {crowd}")

@@ -1,10 +1,15 @@
-"""What the COCO and Cityscapes converters share: palettes, PNG id maps, the parallel resumable run and its summary.
+"""What the converters share: palettes, PNG id maps, writing in another label space, the parallel resumable run and
+its summary.
 
 A conversion is a list of `Example`s (one image + its source annotation) and a per-example function that turns one
 into (image bytes, canonical panoptic map). `run_conversion` skips examples whose output annotation already exists,
 converts the rest in worker processes, writes for each the image first and the annotation TIFF last (so an existing
 annotation means the example is complete), writes metadata.yaml after every example, and returns a `Summary` of
 converted / skipped / failed examples with the reason of each failure. One bad input fails its example only.
+
+`LabelSpace` (`--class_map FILE.yaml --label_space ...`) writes the dataset in another label space, e.g. Mapillary
+Vistas in Cityscapes' categories: each source category becomes the target category the class map names, or void;
+things are renumbered per target class (a source crowd, instance 0, stays 0), stuff merges per target class.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from absl import logging
 from PIL import Image
 
 from panoptic_jax.data import dataset_format as fmt
+from panoptic_jax.data.class_map import ClassMap
 from panoptic_jax.data.storage import open_storage
 from panoptic_jax.errors import UserError
 
@@ -268,21 +274,76 @@ def check_instance_count(count: int, info: fmt.DatasetInfo, where: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Another label space
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSpace:
+  """The label space to write a conversion in: its metadata (categories, things, colours) and the class map from the
+  source's category names to its names."""
+  target: fmt.DatasetInfo
+  class_map: ClassMap
+
+
+@dataclasses.dataclass(frozen=True)
+class Relabel:
+  """Source canonical maps -> target canonical maps: `table[c]` is the target category of source category c, -1
+  void."""
+  source: fmt.DatasetInfo
+  target: fmt.DatasetInfo
+  table: tuple[int, ...]
+
+  def __call__(self, panoptic: np.ndarray, where: str) -> np.ndarray:
+    values = np.unique(panoptic)
+    new = np.full(len(values), fmt.VOID, np.int64)
+    instances: collections.Counter = collections.Counter()
+    div_in, div_out = self.source.label_divisor, self.target.label_divisor
+    for i, value in enumerate(values.tolist()):  # Ascending: instances keep their relative order.
+      category = self.table[value // div_in] if value >= 0 else -1
+      if category < 0:
+        continue
+      if not self.target.is_thing[category]:
+        new[i] = category * div_out
+      elif self.source.is_thing[value // div_in] and value % div_in == 0:
+        new[i] = category * div_out  # A kept crowd region stays a crowd region.
+      else:
+        instances[category] += 1
+        check_instance_count(instances[category], self.target, where)
+        new[i] = category * div_out + instances[category]
+    return new[np.searchsorted(values, panoptic)].astype(np.int32)
+
+
+def relabel(info: fmt.DatasetInfo, space: LabelSpace) -> Relabel:
+  """The Relabel of a conversion whose source metadata is `info`; raises ClassMapError on a bad class map."""
+  table, report = space.class_map.resolve(info.categories, space.target.categories, "the source's categories",
+                                          "the label space's categories")
+  logging.info("Writing in the label space of %d categories through %s: %d source categories mapped, void: %s; "
+               "no source category for: %s", len(space.target.categories), space.class_map.where,
+               len(report.mapped), list(report.ignored) or "none", list(report.unreached) or "none")
+  return Relabel(info, space.target, tuple(int(t) for t in table))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The parallel, resumable run
 
 _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(location: str, endpoint_url: str | None, info: fmt.DatasetInfo,
-                 convert_fn: Callable[..., tuple[bytes, np.ndarray, dict]], options: dict[str, Any]) -> None:
-  _WORKER.update(storage=open_storage(location, endpoint_url), info=info, convert_fn=convert_fn, options=options)
+                 convert_fn: Callable[..., tuple[bytes, np.ndarray, dict]], options: dict[str, Any],
+                 relabel_fn: Relabel | None) -> None:
+  _WORKER.update(storage=open_storage(location, endpoint_url), info=info, convert_fn=convert_fn, options=options,
+                 relabel=relabel_fn)
 
 
 def _convert_one(example: Example) -> tuple[str, str, str, dict]:
   """Converts and writes one example in a worker. Returns (stem, status, reason, stats); never raises."""
   info: fmt.DatasetInfo = _WORKER["info"]
+  relabel_fn: Relabel | None = _WORKER["relabel"]
   try:
     image_bytes, panoptic, stats = _WORKER["convert_fn"](example, info, **_WORKER["options"])
+    if relabel_fn is not None:
+      panoptic, info = relabel_fn(panoptic, example.annotation_path), relabel_fn.target
     annotation = fmt.encode_annotation(panoptic, info)
     storage = _WORKER["storage"]
     storage.write_bytes(f"images/{example.stem}{example.image_ext}", image_bytes)
@@ -307,7 +368,7 @@ def run_conversion(examples: Sequence[Example], info: fmt.DatasetInfo,
                    convert_fn: Callable[..., tuple[bytes, np.ndarray, dict]], *, out: str,
                    endpoint_url: str | None = None, workers: int = 1, options: dict[str, Any] | None = None,
                    unpaired: Iterable[tuple[str, str]] = (), failed: Iterable[tuple[str, str]] = (),
-                   provenance: str = "", progress: bool = True) -> Summary:
+                   provenance: str = "", progress: bool = True, label_space: LabelSpace | None = None) -> Summary:
   """Converts `examples` into the dataset at `out` and writes metadata.yaml last.
 
   Args:
@@ -323,12 +384,18 @@ def run_conversion(examples: Sequence[Example], info: fmt.DatasetInfo,
     failed: (name, reason) of examples found invalid before conversion (e.g. an annotation whose image is unknown).
     provenance: a comment line (without '#') appended to metadata.yaml saying how the dataset was made.
     progress: show a tqdm progress bar.
+    label_space: write the dataset in this label space instead of the source's (module docstring).
 
   Returns:
     The run's Summary.
   """
   start = time.perf_counter()
   options = dict(options or {})
+  relabel_fn = None
+  if label_space is not None:
+    relabel_fn = relabel(info, label_space)
+    provenance = f"{provenance}; relabelled through {label_space.class_map.where}".lstrip("; ")
+  out_info = relabel_fn.target if relabel_fn is not None else info
   summary = Summary(unpaired=list(unpaired), failed=list(failed))
   stems = collections.Counter(e.stem for e in examples)
   duplicates = sorted(s for s, n in stems.items() if n > 1)
@@ -336,20 +403,20 @@ def run_conversion(examples: Sequence[Example], info: fmt.DatasetInfo,
     raise ValueError(f"several inputs map to the same output name: {duplicates[:10]}"
                      f"{' ...' if len(duplicates) > 10 else ''}; image names must be unique")
   storage = open_storage(out, endpoint_url)
-  _check_existing_metadata(storage, info, out, provenance)
-  done = _existing_annotations(storage, info.annotations)
+  _check_existing_metadata(storage, out_info, out, provenance)
+  done = _existing_annotations(storage, out_info.annotations)
   summary.skipped = [e.stem for e in examples if e.stem in done]
   todo = [e for e in examples if e.stem not in done]
 
   bar = _progress(len(todo), progress)
   if workers <= 1:
-    _init_worker(out, endpoint_url, info, convert_fn, options)
+    _init_worker(out, endpoint_url, info, convert_fn, options, relabel_fn)
     results: Iterable = map(_convert_one, todo)
     pool = None
   else:
     context = multiprocessing.get_context("spawn")  # No fork: the parent may hold threads (JAX, s3fs event loops).
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                  initargs=(out, endpoint_url, info, convert_fn, options))
+                                                  initargs=(out, endpoint_url, info, convert_fn, options, relabel_fn))
     chunksize = max(1, min(16, len(todo) // (workers * 8)))
     results = pool.map(_convert_one, todo, chunksize=chunksize)
   try:
@@ -365,7 +432,7 @@ def run_conversion(examples: Sequence[Example], info: fmt.DatasetInfo,
     if pool is not None:
       pool.shutdown(cancel_futures=True)
 
-  text = fmt.metadata_yaml(info)
+  text = fmt.metadata_yaml(out_info)
   if provenance:
     text += f"# {provenance}\n"
   storage.write_bytes("metadata.yaml", text.encode())

@@ -171,7 +171,8 @@ def find_examples(root: str, split: str, *, images: str | None = None, panoptic_
 
 def convert(root: str, split: str, out: str, *, images: str | None = None, panoptic_maps: str | None = None,
             crowd: str = "ignore", endpoint_url: str | None = None, workers: int = 1,
-            progress: bool = True) -> common.Summary:
+            progress: bool = True,
+            label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one KITTI-STEP split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc.
 
   Args:
@@ -196,4 +197,5 @@ def convert(root: str, split: str, out: str, *, images: str | None = None, panop
   return common.run_conversion(
       examples, dataset_info(), convert_example, out=out, endpoint_url=endpoint_url, workers=workers,
       options={"crowd": crowd}, failed=failed, unpaired=unpaired, progress=progress,
+      label_space=label_space,
       provenance=f"converted from KITTI-STEP {split} with --crowd {crowd}")
