@@ -24,6 +24,9 @@ def get_config():
   config.model.preset = "kmax_r50_cityscapes"  # Output stride 2, 256 mask slots.
   config.model.init_from = "weights/R-50.pkl"  # ImageNet ResNet-50 (torchvision, detectron2 names).
   config.input.copy_paste = True
+  # DeepLab2's photometric augmentation: its AutoAugment policy, no colour jitter (panoptic_jax/data/autoaugment.py).
+  config.input.autoaugment = "simple_classification_policy_magnitude_scale_0.2"
+  config.input.brightness = config.input.contrast = config.input.saturation = config.input.hue = 0.0
   config.input.crop_size = (1025, 2049)
   config.input.min_scale = 0.5
   config.input.max_scale = 2.0

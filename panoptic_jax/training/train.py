@@ -187,6 +187,12 @@ def _open_datasets(config: ml_collections.ConfigDict, mode: str, run: dict[str, 
   endpoint = config.dataset.endpoint_url or None
   train = Dataset.open(train_location, endpoint) if mode != "eval" else None
   val = Dataset.open(val_location, endpoint) if mode != "train" else None
+  for field, dataset in (("train", train), ("val", val)):
+    if dataset is not None and dataset.info.is_semantic:
+      raise config_lib.ConfigError(
+          f"config.dataset.{field}: {dataset.storage.describe()} is a semantic-segmentation dataset (its metadata.yaml "
+          "says task: semantic segmentation); training and its evaluation need panoptic annotations. Score "
+          "predictions against it with python -m panoptic_jax.evaluate --gt LOCATION --pred PREDICTIONS")
   if train is not None:
     reference = (train.info.categories, train.info.is_thing, train.storage.describe())
   elif run is not None and run.get("categories"):

@@ -153,3 +153,14 @@ def test_validate_summarises_pixels_void_share_and_scales(tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"{tmp_path}/labels/b.png: 1 colours are not in the metadata palette: [9, 9, 9] (1 px)" in out
   assert f"{tmp_path}/labels/c.tif: annotation is 5x16" in out
+
+
+def test_training_refuses_a_semantic_dataset(tmp_path):
+  """A semantic set has no instances: training on it (or evaluating panoptic quality on it during training) is an
+  error naming the field and the command that scores against it, before anything is built."""
+  from panoptic_jax.training import config as config_lib
+  from tests.training import train_helpers as th
+  _write(tmp_path / "semantic")
+  with pytest.raises(config_lib.ConfigError, match=r"config.dataset.val: .*semantic-segmentation dataset.*evaluate"):
+    th.run_in_process(tmp_path / "run", "train_and_eval", dataset__val=str(tmp_path / "semantic"))
+  assert not (tmp_path / "run" / "checkpoints").exists()
