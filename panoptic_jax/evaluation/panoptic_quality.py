@@ -210,8 +210,10 @@ def _block_entries(gt_key: jnp.ndarray, pred_key: jnp.ndarray, gt_pad: int, pred
   # The pixels of the mixed rows: [row_capacity * TILE].
   mixed_row, pixel_used, num_rows = _compact(row_mixed, row, row_capacity)
   pixel_used = jnp.repeat(pixel_used, TILE)
-  # A gather of whole 8-pixel rows: faster than one of 8 single pixels each.
-  row_pixels = lambda keys: keys.reshape(-1, TILE).at[mixed_row].get(mode="promise_in_bounds").ravel()
+
+  def row_pixels(keys):  # A gather of whole 8-pixel rows: faster than one of 8 single pixels each.
+    return keys.reshape(-1, TILE).at[mixed_row].get(mode="promise_in_bounds").ravel()
+
   pixels_gt = jnp.where(pixel_used, row_pixels(gt_key), gt_pad)
   pixels_pred = jnp.where(pixel_used, row_pixels(pred_key), pred_pad)
   parts = [(jnp.where(tile_mixed, gt_pad, tile_gt), jnp.where(tile_mixed, pred_pad, tile_pred), TILE * TILE),

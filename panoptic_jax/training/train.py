@@ -74,7 +74,10 @@ def _build(config: ml_collections.ConfigDict, num_classes: int) -> nnx.Module:
 def _shard_like_params(opt_state: Any, params: Any, param_shardings: Any, other: Any) -> Any:
   """Shardings for an optax state: subtrees shaped like the parameters (Adam moments) shard like them."""
   params_structure = jax.tree.structure(params)
-  is_params_like = lambda x: jax.tree.structure(x) == params_structure
+
+  def is_params_like(x) -> bool:
+    return jax.tree.structure(x) == params_structure
+
   return jax.tree.map(lambda x: param_shardings if is_params_like(x) else other, opt_state, is_leaf=is_params_like)
 
 
