@@ -235,8 +235,7 @@ def find_examples(root: str, split: str, *, images: str | None = None, bitmasks:
 
 def convert(root: str, split: str, out: str, *, images: str | None = None, bitmasks: str | None = None,
             crowd: str = "ignore", endpoint_url: str | None = None, workers: int = 1,
-            progress: bool = True,
-            label_space: common.LabelSpace | None = None) -> common.Summary:
+            progress: bool = True, label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one BDD100K pan_seg split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc.
 
   Args:

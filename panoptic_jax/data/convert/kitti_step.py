@@ -37,14 +37,14 @@ instances, a track id >= 1000 (DeepLab2's label divisor), a map that is not RGB,
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pathlib
 import re
 
 import numpy as np
 
 from panoptic_jax.data import dataset_format as fmt
-from panoptic_jax.data.convert import common
-from panoptic_jax.data.convert.cityscapes import LABELS
+from panoptic_jax.data.convert import cityscapes, common
 
 CROWD_MODES = ("ignore", "keep")
 THING_NAMES = ("person", "car")  # DeepLab2's class_has_instances_list=(11, 13).
@@ -56,9 +56,10 @@ MAPS_FOLDER = "panoptic_maps"
 
 
 def dataset_info() -> fmt.DatasetInfo:
-  return fmt.DatasetInfo(categories=tuple(label.name for label in LABELS),
-                         colors=tuple(label.color for label in LABELS),
-                         is_thing=tuple(label.name in THING_NAMES for label in LABELS))
+  """Cityscapes' categories and colours, with only person and car as things."""
+  cityscapes_info = cityscapes.dataset_info()
+  return dataclasses.replace(cityscapes_info,
+                             is_thing=tuple(name in THING_NAMES for name in cityscapes_info.categories))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -171,8 +172,7 @@ def find_examples(root: str, split: str, *, images: str | None = None, panoptic_
 
 def convert(root: str, split: str, out: str, *, images: str | None = None, panoptic_maps: str | None = None,
             crowd: str = "ignore", endpoint_url: str | None = None, workers: int = 1,
-            progress: bool = True,
-            label_space: common.LabelSpace | None = None) -> common.Summary:
+            progress: bool = True, label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one KITTI-STEP split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc.
 
   Args:

@@ -208,8 +208,7 @@ def find_examples(root: str, split: str, *, version: str = "v2.0", images: str |
 def convert(root: str, split: str, out: str, *, version: str = "v2.0", images: str | None = None,
             panoptic_json: str | None = None, panoptic_dir: str | None = None, config: str | None = None,
             crowd: str = "ignore", endpoint_url: str | None = None, workers: int = 1,
-            progress: bool = True,
-            label_space: common.LabelSpace | None = None) -> common.Summary:
+            progress: bool = True, label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one Mapillary Vistas split into the dataset at `out` (a folder or s3://bucket/prefix).
 
   Args:
