@@ -276,7 +276,7 @@ def open_coco_side(json_path: str, folder: str | None, reference: CocoPanoptic |
               [c.isthing for c in categories], label_divisor, coco=coco, category_ids=[c.id for c in categories])
 
 
-def _pair_images(gt: Side, pred: Side) -> list[tuple[str, str]]:
+def pair_images(gt: Side, pred: Side) -> list[tuple[str, str]]:
   """(gt key, pred key) pairs: by image_id when both sides are COCO (as panopticapi), else by name."""
   if gt.coco is not None and pred.coco is not None:
     gt_ids, pred_ids = gt.image_ids, pred.image_ids
@@ -354,7 +354,7 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
 def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int = 128, num_workers: int = 4,
                    progress: bool = True) -> dict:
   """Evaluates `pred` against `gt`: the result of `Evaluator.result()` plus "categories" and "num_images"."""
-  pairs = _pair_images(gt, pred)
+  pairs = pair_images(gt, pred)
   mapping = _category_mapping(gt, pred)
   evaluator = Evaluator(gt.categories, gt.is_thing, gt.label_divisor, batch_size=batch_size,
                         max_segments=max_segments)

@@ -43,7 +43,7 @@ from panoptic_jax.data import class_map as class_map_lib
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.storage import open_storage
 from panoptic_jax.evaluation import semantic as semantic_lib
-from panoptic_jax.evaluation.evaluator import EvaluationError, Side, _pair_images, open_dataset_side
+from panoptic_jax.evaluation.evaluator import EvaluationError, Side, open_dataset_side, pair_images
 
 HEADLINE_CONVENTION = "classes_with_union"
 COMPARISONS = "comparisons"
@@ -198,7 +198,7 @@ def evaluate_external(gt_location: str, pred_location: str, class_map: str | Non
     how = f"the class map {class_map} maps none of them" if class_map else "no name is shared (give --class_map)"
     raise EvaluationError(f"{gt.describe}: no GT category maps to a predicted one: {how}; GT categories {their}, "
                           f"predicted categories {ours}")
-  pairs = _pair_images(gt, pred)
+  pairs = pair_images(gt, pred)
   c, e = len(ours), len(their)
   gt_lookup = np.append(mapping, -1)  # GT category -> ours; index -1 (void) reads the appended -1.
   label_palette, pred_palette = _palette(gt_info), _palette(pred_info)

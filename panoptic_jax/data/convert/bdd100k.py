@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import re
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +54,6 @@ import numpy as np
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import common
 
-CROWD_MODES = ("ignore", "keep")
 
 
 class Label(NamedTuple):
@@ -252,10 +250,7 @@ def convert(root: str, split: str, out: str, *, images: str | None = None, bitma
   Returns:
     The run's Summary (converted, skipped, failed with reasons, unpaired images, segment counts).
   """
-  if crowd not in CROWD_MODES:
-    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
-  if not re.fullmatch(r"[\w.-]+", split):
-    raise ValueError(f"split: expected a folder name such as train or val, found {split!r}")
+  common.check_arguments(crowd, split)
   examples, failed, unpaired = find_examples(root, split, images=images, bitmasks=bitmasks)
   return common.run_conversion(
       examples, dataset_info(), convert_bitmask, out=out, endpoint_url=endpoint_url, workers=workers,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
-import re
 from typing import NamedTuple
 
 import numpy as np
@@ -40,7 +39,6 @@ import numpy as np
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import common
 
-CROWD_MODES = ("ignore", "keep")
 LAYOUTS = ("auto", "instance_ids", "panoptic")
 
 
@@ -265,10 +263,7 @@ def convert(root: str, split: str, out: str, *, layout: str = "auto", images: st
             endpoint_url: str | None = None, workers: int = 1, progress: bool = True,
             label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts one Cityscapes split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc."""
-  if crowd not in CROWD_MODES:
-    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
-  if not re.fullmatch(r"[\w.-]+", split):
-    raise ValueError(f"split: expected a folder name such as train or val, found {split!r}")
+  common.check_arguments(crowd, split)
   layout, examples, options, failed, unpaired = find_examples(
       root, split, layout=layout, images=images, panoptic_json=panoptic_json, panoptic_dir=panoptic_dir)
   convert_fn = convert_instance_ids if layout == "instance_ids" else convert_panoptic

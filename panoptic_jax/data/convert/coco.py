@@ -36,7 +36,6 @@ import numpy as np
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import common
 
-CROWD_MODES = ("ignore", "keep")
 
 
 def load_categories(categories: list[dict[str, Any]], where: str) -> tuple[fmt.DatasetInfo, dict[int, int]]:
@@ -138,8 +137,7 @@ def convert(images: str, panoptic_json: str, panoptic_dir: str, out: str, *, cro
             endpoint_url: str | None = None, workers: int = 1, progress: bool = True,
             label_space: common.LabelSpace | None = None) -> common.Summary:
   """Converts a COCO panoptic split into the dataset at `out` (a folder or s3://bucket/prefix); see the module doc."""
-  if crowd not in CROWD_MODES:
-    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
+  common.check_arguments(crowd)
   for path, what in ((images, "--images"), (panoptic_dir, "--panoptic_dir")):
     if not pathlib.Path(path).is_dir():
       raise ValueError(f"{what} {path}: not a folder")

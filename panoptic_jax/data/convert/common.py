@@ -21,6 +21,7 @@ import dataclasses
 import io
 import multiprocessing
 import pathlib
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -271,6 +272,17 @@ def check_instance_count(count: int, info: fmt.DatasetInfo, where: str) -> None:
   if count >= info.label_divisor:
     raise ConversionError(f"annotation {where}: {count} thing instances; at most {info.label_divisor - 1} fit "
                           f"label_divisor {info.label_divisor}")
+
+
+CROWD_MODES = ("ignore", "keep")
+
+
+def check_arguments(crowd: str, split: str | None = None) -> None:
+  """The arguments every converter shares: raises ValueError naming a crowd mode or split name that is not one."""
+  if crowd not in CROWD_MODES:
+    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
+  if split is not None and not re.fullmatch(r"[\w.-]+", split):
+    raise ValueError(f"split: expected a folder name such as train or val, found {split!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

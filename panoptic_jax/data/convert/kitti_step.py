@@ -39,14 +39,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import pathlib
-import re
 
 import numpy as np
 
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import cityscapes, common
 
-CROWD_MODES = ("ignore", "keep")
 THING_NAMES = ("person", "car")  # DeepLab2's class_has_instances_list=(11, 13).
 IGNORE_ID = 255
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -189,10 +187,7 @@ def convert(root: str, split: str, out: str, *, images: str | None = None, panop
   Returns:
     The run's Summary (failed examples are named with their reason; the others are converted).
   """
-  if crowd not in CROWD_MODES:
-    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
-  if not re.fullmatch(r"[\w.-]+", split):
-    raise ValueError(f"split: expected a folder name such as train or val, found {split!r}")
+  common.check_arguments(crowd, split)
   examples, failed, unpaired = find_examples(root, split, images=images, panoptic_maps=panoptic_maps)
   return common.run_conversion(
       examples, dataset_info(), convert_example, out=out, endpoint_url=endpoint_url, workers=workers,

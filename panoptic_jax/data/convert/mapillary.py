@@ -59,7 +59,6 @@ from absl import logging
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.convert import coco, common
 
-CROWD_MODES = coco.CROWD_MODES
 PANOPTIC_JSON = {"v1.2": "panoptic_2018.json", "v2.0": "panoptic_2020.json"}
 VERSIONS = tuple(PANOPTIC_JSON)
 SPLIT_FOLDERS = {"train": "training", "val": "validation"}
@@ -232,8 +231,7 @@ def convert(root: str, split: str, out: str, *, version: str = "v2.0", images: s
     ValueError: for unusable inputs as a whole (missing folders or files, malformed JSON, a config that does not
       describe the JSON's categories) or an output holding another dataset.
   """
-  if crowd not in CROWD_MODES:
-    raise ValueError(f"crowd: expected one of {CROWD_MODES}, found {crowd!r}")
+  common.check_arguments(crowd)
   if not re.fullmatch(r"[\w.-]+", split):
     raise ValueError(f"split: expected a folder name such as training or validation, found {split!r}")
   info, index, examples, failed, unpaired, sources = find_examples(
