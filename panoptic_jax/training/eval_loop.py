@@ -10,7 +10,6 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -31,6 +30,15 @@ def _gather(tree: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return jax.tree.map(lambda x: np.concatenate(list(x)), multihost_utils.process_allgather(tree))
 
 
+def jit_predict(model_def, postprocess_preset: str, is_thing, label_divisor: int):
+  """The evaluation's jitted step `(train state, images uint8 [B, H, W, 3]) -> panoptic predictions` of the model
+  in eval mode, with `postprocess_preset`'s merging (`is_thing` [num_classes] bool: the dataset's categories)."""
+  pp_config = postprocess.get_preset(postprocess_preset)
+  is_thing = np.asarray(is_thing, bool)  # A constant of the program, on no device (the plan lowers for TPU).
+  return jax.jit(lambda state, images: predict.predict(
+      model_def.eval_graph, state["params"], state["model_state"], images, is_thing, pp_config, label_divisor))
+
+
 class ModelEvaluator:
   """Runs one pass over the validation set and returns PQ / SQ / RQ, mIoU and mask AP."""
 
@@ -43,11 +51,7 @@ class ModelEvaluator:
     self._max_images = config.eval.max_images
     self._num_pictures = config.eval.num_visualizations
     self._pictures_dir = pictures_dir
-    pp_config = postprocess.get_preset(config.eval.postprocess)
-    is_thing = jnp.asarray(self._info.is_thing, bool)
-    label_divisor = self._info.label_divisor
-    self._predict = jax.jit(lambda state, images: predict.predict(
-        model_def.eval_graph, state["params"], state["model_state"], images, is_thing, pp_config, label_divisor))
+    self._predict = jit_predict(model_def, config.eval.postprocess, self._info.is_thing, self._info.label_divisor)
     self._compiled = None  # Compiled on the first batch (shapes are fixed by the eval crop and batch size).
     self._capacities: dict[str, Any] = {}
 

@@ -81,12 +81,13 @@ def _shard_like_params(opt_state: Any, params: Any, param_shardings: Any, other:
   return jax.tree.map(lambda x: param_shardings if is_params_like(x) else other, opt_state, is_leaf=is_params_like)
 
 
-def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh,
-                 tx: optax.GradientTransformation) -> tuple[ModelDef, State, Any]:
-  """Initialises parameters directly in their shardings (no host copy of the full model).
+def state_layout(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh,
+                 tx: optax.GradientTransformation) -> tuple[ModelDef, Any, Any]:
+  """The state's structure, traced with `eval_shape` (nothing materialised), and how to build it.
 
   Returns:
-    (model definition, state, state shardings).
+    (model definition, `init`: the jitted function that initialises the state in its shardings (`init.eval_shape()`
+    gives the abstract state, `jax.ShapeDtypeStruct` leaves carrying their shardings), state shardings).
   """
   abstract = nnx.eval_shape(lambda: _build(config, num_classes))
   abstract.eval()
@@ -106,9 +107,20 @@ def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.
   opt_shardings = _shard_like_params(abstract_state["opt_state"], abstract_params, param_shardings, replicated)
   shardings = {"step": replicated, "params": param_shardings, "model_state": rest_shardings,
                "opt_state": opt_shardings}
+  model_def = ModelDef(train_graph, eval_graph, config_lib.model_arch(config), num_classes)
   # Shardings come from `out_shardings` (which replicate axes the mesh cannot split), not from eager placement.
-  state = jax.jit(init, out_shardings=shardings)()
-  return ModelDef(train_graph, eval_graph, config_lib.model_arch(config), num_classes), state, shardings
+  return model_def, jax.jit(init, out_shardings=shardings), shardings
+
+
+def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.sharding.Mesh,
+                 tx: optax.GradientTransformation) -> tuple[ModelDef, State, Any]:
+  """Initialises parameters directly in their shardings (no host copy of the full model).
+
+  Returns:
+    (model definition, state, state shardings).
+  """
+  model_def, init, shardings = state_layout(config, num_classes, mesh, tx)
+  return model_def, init(), shardings
 
 
 # ----------------------------------------------------------------------------------------------------------------------
