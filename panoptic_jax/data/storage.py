@@ -96,6 +96,10 @@ class Storage:
     """Creates or replaces a file (parent folders are created as needed)."""
     raise NotImplementedError
 
+  def delete(self, relpath: str) -> None:
+    """Removes a file; nothing happens when it does not exist."""
+    raise NotImplementedError
+
   def exists(self, relpath: str) -> bool:
     """Whether the file exists; StorageError when the location itself cannot be reached or read."""
     raise NotImplementedError
@@ -204,6 +208,12 @@ class LocalStorage(Storage):
     except OSError as e:
       tmp.unlink(missing_ok=True)
       raise self._error("write", relpath, e, "a location where links can be created") from None
+
+  def delete(self, relpath: str) -> None:
+    try:
+      self._path(relpath).unlink(missing_ok=True)
+    except OSError as e:
+      raise self._error("delete", relpath, e, "a writable location") from None
 
   def exists(self, relpath: str) -> bool:
     return self._path(relpath).is_file()
@@ -579,6 +589,10 @@ class S3Storage(Storage):
   def write_bytes(self, relpath: str, data: bytes) -> None:
     path = self._path(relpath)
     self._call("write", relpath, "a writable bucket", lambda: self.fs.pipe_file(path, bytes(data)))
+
+  def delete(self, relpath: str) -> None:
+    path = self._path(relpath)
+    self._call("delete", relpath, "a writable bucket", lambda: self.fs.rm_file(path) if self.fs.exists(path) else None)
 
   def exists(self, relpath: str) -> bool:
     path = self._path(relpath)

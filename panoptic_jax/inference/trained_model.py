@@ -124,7 +124,7 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
   if record is None:
     raise workdir_lib.WorkdirError(f"{wd} holds no trained run (no {workdir_lib.CONFIG}); pass the --workdir of a "
                                    "training run")
-  where = str(wd.path / workdir_lib.CONFIG)
+  where = wd.url(workdir_lib.CONFIG)
   config = config_lib.from_record(record, where)
   if not record.get("categories"):
     raise workdir_lib.WorkdirError(f"{where}: no categories recorded; the run never opened its training set")
@@ -145,7 +145,7 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
   graph, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                         {"params": abstract_params, "model_state": abstract_rest})
-  checkpointer = checkpoint.Checkpointer(str(wd.checkpoints), every=0, keep=1, writer=False)
+  checkpointer = checkpoint.Checkpointer(wd.checkpoints, every=0, keep=1, writer=False)
   try:
     restored = checkpointer.restore(target, step=step)
   finally:
@@ -155,4 +155,4 @@ def load(workdir: str, step: int | None = None, devices: list | None = None, dty
   state, restored_step = restored
   spec = ModelSpec(info=info, crop_size=tuple(config.input.crop_size), resize_to_crop=bool(config.input.resize_to_crop),
                    postprocess=postprocess.get_preset(config.eval.postprocess))
-  return TrainedModel(str(wd.path), restored_step, config, spec, graph, state["params"], state["model_state"], mesh)
+  return TrainedModel(str(wd), restored_step, config, spec, graph, state["params"], state["model_state"], mesh)

@@ -28,6 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from panoptic_jax.errors import UserError
+from panoptic_jax.training import orbax_s3
 
 
 # Orbax splits each replicated array into one slice per replica so that hosts write in parallel; every slice is an
@@ -103,6 +104,18 @@ def first_mismatch(saved, target) -> str | None:
   return None
 
 
+def _remove_uncommitted(directory: epath.Path) -> None:
+  """Removes the step folders of a bucket that lack Orbax's commit marker: saves interrupted when their process died.
+  (Orbax's own clean-up knows only the temporary names of local saves; the step would otherwise be written into the
+  leftovers when the run gets there again.)"""
+  if not directory.exists():
+    return
+  for step in directory.iterdir():
+    if step.name.isdigit() and not (step / orbax_s3.COMMIT_MARKER).exists():
+      logging.warning("Removing %s: a checkpoint whose save was interrupted (no %s).", step, orbax_s3.COMMIT_MARKER)
+      step.rmtree()
+
+
 class Checkpointer:
   """Saves every `every` steps (and on demand), keeps the newest `keep`, restores the newest readable one.
 
@@ -119,10 +132,17 @@ class Checkpointer:
     self.every = every
     self._writer = writer
     self._state_bytes = 0
+    in_bucket = orbax_s3.is_object_store(directory)
+    if directory.startswith("s3://"):
+      orbax_s3.install()
+    path = epath.Path(directory) if in_bucket else epath.Path(directory).absolute()
+    if in_bucket and writer and jax.process_index() == 0:
+      _remove_uncommitted(path)
     self._manager = ocp.CheckpointManager(
-        epath.Path(directory).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                             cleanup_tmp_directories=writer, create=writer, read_only=not writer),
+        path,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=writer, create=writer,
+            read_only=not writer, atomicity_options=orbax_s3.ATOMICITY_FOR_OBJECT_STORES if in_bucket else None),
         item_handlers={"state": _state_handler(), "data": grain.checkpoint.CheckpointHandler()})
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None, force: bool = False) -> bool:

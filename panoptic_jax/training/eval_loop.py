@@ -6,7 +6,6 @@ full-resolution maps, not of resized labels.
 """
 
 import concurrent.futures
-import pathlib
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from panoptic_jax import visualize
-from panoptic_jax.data import pipeline
+from panoptic_jax.data import pipeline, storage
 from panoptic_jax.data.dataset import Dataset
 from panoptic_jax.evaluation.evaluator import Evaluator, format_table
 from panoptic_jax.inference import postprocess, predict, predictor
@@ -43,14 +42,14 @@ class ModelEvaluator:
   """Runs one pass over the validation set and returns PQ / SQ / RQ, mIoU and mask AP."""
 
   def __init__(self, config: ml_collections.ConfigDict, model_def, dataset: Dataset, mesh,
-               pipeline_config: pipeline.PipelineConfig, pictures_dir: pathlib.Path):
+               pipeline_config: pipeline.PipelineConfig, pictures: storage.Storage):
     self._dataset = dataset
     self._info = dataset.info
     self._mesh = mesh
     self._pipeline_config = pipeline_config
     self._max_images = config.eval.max_images
     self._num_pictures = config.eval.num_visualizations
-    self._pictures_dir = pictures_dir
+    self._pictures = pictures
     self._predict = jit_predict(model_def, config.eval.postprocess, self._info.is_thing, self._info.label_divisor)
     self._compiled = None  # Compiled on the first batch (shapes are fixed by the eval crop and batch size).
     self._capacities: dict[str, Any] = {}
@@ -97,15 +96,14 @@ class ModelEvaluator:
     if jax.process_index() == 0:
       logging.info("Evaluation at step %d on %d images:\n%s", step, seen, table)
       if pictures:
-        logging.info("Pictures (image | ground truth | prediction): %s", self._pictures_dir)
+        logging.info("Pictures (image | ground truth | prediction): %s", self._pictures.url())
     return {"scalars": _scalars(result), "table": table, "result": result}
 
   def _save_picture(self, step: int, index: int, ground_truth: np.ndarray, prediction: np.ndarray) -> None:
-    self._pictures_dir.mkdir(parents=True, exist_ok=True)
     image = self._dataset.read_image(index)
     name = self._dataset.examples[index].name
     png = visualize.comparison(image, ground_truth, prediction, self._info)
-    (self._pictures_dir / f"step{step:07d}_{name}.png").write_bytes(png)
+    self._pictures.write_bytes(f"step{step:07d}_{name}.png", png)
 
 
 def _scalars(result: dict) -> dict[str, float]:

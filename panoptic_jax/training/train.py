@@ -249,15 +249,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str,
     for change in wd.check_config(config):
       logging.info("Config override for this %s: %s", "evaluation" if mode == "eval" else "resumed run", change)
   # Training owns the workdir; an evaluation only reads its checkpoints (it may run beside the training).
-  with wd.lock() if mode != "eval" and jax.process_index() == 0 else contextlib.nullcontext():
+  with wd.lock() if mode != "eval" and jax.process_index() == 0 else contextlib.nullcontext() as lease:
     train_dataset, val_dataset, locations = _open_datasets(config, mode, run_record)
     if train_dataset is not None and jax.process_index() == 0:
       record_run(wd, config, locations, train_dataset.info)
-    return _run(config, wd, mode, train_dataset, val_dataset)
+    return _run(config, wd, mode, train_dataset, val_dataset, lease)
 
 
 def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, train_dataset: Dataset | None,
-         val_dataset: Dataset | None) -> dict[str, Any]:
+         val_dataset: Dataset | None, lease: workdir_lib.Lease | None) -> dict[str, Any]:
   info = (train_dataset or val_dataset).info
   input_health = None
   if train_dataset is not None:
@@ -272,7 +272,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
 
   pipeline_settings = pipeline_config(config, model_def.arch)
   train_iter = pipeline.make_train_iterator(train_dataset, pipeline_settings) if train_dataset is not None else None
-  checkpointer = checkpoint.Checkpointer(str(wd.checkpoints), config.train.checkpoint_every,
+  checkpointer = checkpoint.Checkpointer(wd.checkpoints, config.train.checkpoint_every,
                                          config.train.keep_checkpoints, writer=mode != "eval")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   restored = checkpointer.restore(abstract, train_iter)
@@ -290,10 +290,11 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
     if jax.process_index() == 0:
       init_from.write_report(report, wd)
   # A resumed run writes the steps after its checkpoint again: their earlier rows go (one row per step).
-  writer = MetricsWriter(str(wd.path), after_step=int(state["step"]) if mode != "eval" else None)
+  writer = MetricsWriter(wd.storage, after_step=int(state["step"]) if mode != "eval" else None)
   evaluator = None
   if val_dataset is not None:
-    evaluator = eval_loop.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_settings, wd.visualizations)
+    evaluator = eval_loop.ModelEvaluator(config, model_def, val_dataset, mesh, pipeline_settings,
+                                           storage.open_storage(wd.url(workdir_lib.VISUALIZATIONS)))
   results: dict[str, Any] = {}
   try:
     if mode == "eval":
@@ -301,7 +302,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
       writer.write(int(state["step"]), results["scalars"], prefix="eval/")
       return results
     results = _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
-                          evaluator if mode == "train_and_eval" else None, input_health)
+                          evaluator if mode == "train_and_eval" else None, input_health, lease)
   finally:
     checkpointer.close()
     writer.close()
@@ -311,7 +312,7 @@ def _run(config: ml_collections.ConfigDict, wd: workdir_lib.Workdir, mode: str, 
 
 
 def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_iter, checkpointer, writer,
-                evaluator, input_health: data_health.InputHealth) -> dict[str, Any]:
+                evaluator, input_health: data_health.InputHealth, lease: workdir_lib.Lease | None) -> dict[str, Any]:
   loss_config = losses.LossConfig(**config.loss)
   step_fn = jit_train_step(model_def, tx, schedule, loss_config, shardings, mesh)
   base_rng = jax.random.key(config.seed)
@@ -356,6 +357,8 @@ def _train_loop(config, model_def, tx, schedule, state, shardings, mesh, train_i
         if problem is not None:
           raise TrainingError(problem)
       if save_due or stop or step == total:
+        if lease is not None:
+          lease.check()  # A run whose workdir another run has taken over must not write into it.
         checkpointer.save(step, state, train_iter, force=True)
       if stop:
         logging.warning("Stopped at step %d after a stop signal; the checkpoint is saved. Rerun the same "

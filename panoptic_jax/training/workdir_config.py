@@ -13,4 +13,4 @@ def get_config(path: str) -> ml_collections.ConfigDict:
   record = wd.read_run()
   if record is None:
     raise workdir.WorkdirError(f"{wd} holds no run (no {workdir.CONFIG}); pass --config to start one there")
-  return config.from_record(record, str(wd.path / workdir.CONFIG))
+  return config.from_record(record, wd.url(workdir.CONFIG))

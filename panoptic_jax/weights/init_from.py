@@ -80,6 +80,5 @@ def initialise(state: dict[str, Any], location: str, arch: KMaXConfig, num_class
 
 
 def write_report(report: importer.ImportReport, workdir: workdir_lib.Workdir) -> None:
-  path = workdir.path / REPORT
-  path.write_text(json.dumps(report.to_json(), indent=1))
-  logging.info("%s\n  (the full report: %s)", report.summary(), path)
+  workdir.storage.write_bytes(REPORT, json.dumps(report.to_json(), indent=1).encode())
+  logging.info("%s\n  (the full report: %s)", report.summary(), workdir.url(REPORT))
