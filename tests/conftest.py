@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must follow the environment set-up above)
 import pytest  # noqa: E402
 
-pytest_plugins = ["tests.s3_server"]  # The real SeaweedFS server fixtures (s3_server, s3_env, s3_root).
+pytest_plugins = ["tests.s3_server", "tests.gcs_server"]  # Real servers: SeaweedFS (s3_*), a GCS emulator (gcs_*).
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"

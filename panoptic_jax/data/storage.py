@@ -1,10 +1,13 @@
-"""One small interface over a local folder and an S3-compatible bucket.
+"""One small interface over a local folder, an S3-compatible bucket and a Google Cloud Storage bucket.
 
-A location is a folder path (optionally `file://...`) or `s3://bucket/prefix`. For S3 the endpoint is the
-`endpoint_url` argument, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else what botocore resolves (a profile's
-`endpoint_url`, or AWS itself). Credentials come only from the standard AWS chain (environment, shared credentials
-and config files / `AWS_PROFILE`, ...): they are never taken from dataset files, never stored on a Storage object,
-never pickled and never written into messages.
+A location is a folder path (optionally `file://...`), `s3://bucket/prefix` or `gs://bucket/prefix`. For S3 the
+endpoint is the `endpoint_url` argument, else `AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL`, else what botocore resolves
+(a profile's `endpoint_url`, or AWS itself). Credentials come only from the standard AWS chain (environment, shared
+credentials and config files / `AWS_PROFILE`, ...): they are never taken from dataset files, never stored on a Storage
+object, never pickled and never written into messages. GCS works the same way through gcsfs (the optional packages of
+requirements-gcs.txt): the endpoint is `endpoint_url`, else `STORAGE_EMULATOR_HOST`, else Google's; credentials come
+from Google's standard chain (`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's application-default login, the machine's
+service account). Both are the same code (BucketStorage) with their own client and error classification.
 
     storage = open_storage("s3://bucket/coco/val", endpoint_url="http://127.0.0.1:9000")
     storage.list_files("images")             # ['000.jpg', '001.jpg', ...]: files directly inside, sorted
@@ -22,18 +25,21 @@ endpoint failed and how to raise the budget.
 An endpoint that has never answered in this process gets only FIRST_CONTACT_BUDGET_S (5 s, at most the budget), so
 that a mistyped endpoint stops a run within seconds at start-up, while a server that answered once and then restarts
 is waited for. A Storage object pickled to a worker process carries whether its endpoint had answered.
-One attempt is bounded by botocore's connect and read timeouts (CONNECT_TIMEOUT_S, READ_TIMEOUT_S): a server that is
-stopped rather than killed accepts connections but never answers. botocore's and s3fs's own retry loops are switched
-off (s3fs's retries every exception five times without waiting), so that every retry is logged and counted here.
+One attempt is bounded by the clients' connect and read timeouts (CONNECT_TIMEOUT_S, READ_TIMEOUT_S): a server that
+is stopped rather than killed accepts connections but never answers. botocore's, s3fs's and gcsfs's own retry loops
+are switched off (s3fs's retries every exception five times without waiting, gcsfs's six times), so that every retry
+is logged and counted here.
 Permanent failures (missing bucket or object, no or wrong credentials, access denied, TLS errors) raise `StorageError`
 at once; its message names the location (endpoint, bucket, prefix), the object, what was expected and what was found.
 
-Storage objects are cheap to create, picklable, and build their s3fs client lazily once per process, so they can be
-handed to Grain worker processes (spawned or forked).
+Storage objects are cheap to create, picklable, and build their s3fs / gcsfs client lazily once per process, so they
+can be handed to Grain worker processes (spawned or forked).
 """
 
 import errno
+import functools
 import hashlib
+import importlib.util
 import logging
 import math
 import os
@@ -61,6 +67,7 @@ READ_TIMEOUT_S = 20.0  # Seconds without a byte from the server, not for a whole
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException",
     "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
+    "408", "429",
 })
 
 
@@ -128,15 +135,17 @@ class Storage:
 
 
 def open_storage(location: "str | os.PathLike[str] | Storage", endpoint_url: str | None = None) -> Storage:
-  """Opens a folder path, `file://` URL or `s3://bucket/prefix` (no I/O happens until the first call)."""
+  """Opens a folder path, `file://` URL, `s3://bucket/prefix` or `gs://bucket/prefix` (no I/O until the first call)."""
   if isinstance(location, Storage):
     return location
   location = os.fspath(location)
   if location.startswith("s3://"):
     return S3Storage(location, endpoint_url)
+  if location.startswith("gs://"):
+    return GCSStorage(location, endpoint_url)
   if "://" in location and not location.startswith("file://"):
-    raise StorageError(f"{location}: unsupported location; expected a folder path, file:// or s3://bucket/prefix",
-                       location)
+    raise StorageError(f"{location}: unsupported location; expected a folder path, file://, s3://bucket/prefix or "
+                       "gs://bucket/prefix", location)
   return LocalStorage(location.removeprefix("file://"))
 
 
@@ -236,7 +245,7 @@ class LocalStorage(Storage):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# S3-compatible object stores
+# Object stores (S3-compatible and GCS), through fsspec: what is common is in BucketStorage
 
 
 def _client_error_code(e: BaseException) -> str | None:
@@ -250,34 +259,72 @@ def _client_error_code(e: BaseException) -> str | None:
   return None
 
 
-def _is_transient(e: BaseException) -> bool:
-  """Failures that another attempt may cure: refused or dropped connections, timeouts, 5xx, throttling."""
-  from botocore import exceptions as boto_exceptions  # pylint: disable=g-import-not-at-top
+def _gcs_status(e: BaseException) -> str | None:
+  """The HTTP status of a GCS JSON-API error response behind a gcsfs exception, if any."""
+  from gcsfs.retry import HttpError  # pylint: disable=g-import-not-at-top
+  for err in (e, e.__cause__, e.__context__):
+    if isinstance(err, HttpError) and err.code is not None:
+      return str(err.code)
+  return None
+
+
+def _is_gcs_forbidden(e: BaseException) -> bool:
+  """gcsfs turns HTTP 403 into a plain OSError("Forbidden: <url> ...")."""
+  return isinstance(e, OSError) and str(e).startswith("Forbidden")
+
+
+def _is_transient_given(e: BaseException, permanent: tuple[type, ...], transient: tuple[type, ...],
+                        code: str | None) -> bool:
+  """The rules common to every store, with one library's permanent and transient exception types and the error code
+  (or HTTP status) that its server answered with."""
   if isinstance(e, RetriesExhausted):
     return False  # Already retried for a whole budget.
-  if isinstance(e, (boto_exceptions.SSLError, boto_exceptions.NoCredentialsError,
-                    boto_exceptions.PartialCredentialsError, PermissionError, FileNotFoundError)):
+  if isinstance(e, (PermissionError, FileNotFoundError, *permanent)):
     return False  # A certificate, credential, permission or missing-object problem does not cure itself.
-  if isinstance(e, (ConnectionError, TimeoutError, boto_exceptions.ConnectionError, boto_exceptions.HTTPClientError)):
+  if isinstance(e, (ConnectionError, TimeoutError, *transient)):
     return True  # Refused / reset / aborted connections, unreachable endpoints, connect and read timeouts.
-  from s3fs.core import S3_RETRYABLE_ERRORS  # pylint: disable=g-import-not-at-top  (timeouts, truncated bodies)
-  if isinstance(e, S3_RETRYABLE_ERRORS):
-    return True
-  try:
-    import aiohttp  # pylint: disable=g-import-not-at-top
-    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError)):
-      return True
-  except ImportError:
-    pass
-  code = _client_error_code(e)
   if code in _TRANSIENT_CODES:
     return True
   return isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE)
 
 
+def _is_transient(e: BaseException) -> bool:
+  """S3 failures that another attempt may cure: refused or dropped connections, timeouts, 5xx, throttling."""
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  from botocore import exceptions as boto_exceptions  # pylint: disable=g-import-not-at-top
+  from s3fs.core import S3_RETRYABLE_ERRORS  # pylint: disable=g-import-not-at-top  (timeouts, truncated bodies)
+  return _is_transient_given(
+      e, (boto_exceptions.SSLError, boto_exceptions.NoCredentialsError, boto_exceptions.PartialCredentialsError),
+      (boto_exceptions.ConnectionError, boto_exceptions.HTTPClientError, *S3_RETRYABLE_ERRORS,
+       aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientPayloadError),
+      _client_error_code(e))
+
+
+def _is_transient_gcs(e: BaseException) -> bool:
+  """GCS failures that another attempt may cure: as for S3 (HTTP 408, 429 and 5xx among the answers)."""
+  import aiohttp  # pylint: disable=g-import-not-at-top
+  import google.auth.exceptions  # pylint: disable=g-import-not-at-top
+  import requests.exceptions  # pylint: disable=g-import-not-at-top  (google-auth's token requests)
+  from fsspec.exceptions import FSTimeoutError  # pylint: disable=g-import-not-at-top
+  from gcsfs.retry import ChecksumError  # pylint: disable=g-import-not-at-top
+  if isinstance(e, google.auth.exceptions.RefreshError) and not getattr(e, "retryable", False):
+    return False  # Credentials that the token endpoint refused.
+  return _is_transient_given(
+      e, (aiohttp.ClientSSLError, requests.exceptions.SSLError, google.auth.exceptions.DefaultCredentialsError),
+      (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, FSTimeoutError, ChecksumError,
+       google.auth.exceptions.TransportError, google.auth.exceptions.RefreshError,
+       requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.ChunkedEncodingError),
+      _gcs_status(e))
+
+
 def _answered(e: BaseException) -> bool:
-  """Whether a failure carries an answer of the server (an HTTP error response), not a connection problem."""
+  """Whether an S3 failure carries an answer of the server (an HTTP error response), not a connection problem."""
   return _client_error_code(e) is not None or isinstance(e, (FileNotFoundError, PermissionError))
+
+
+def _answered_gcs(e: BaseException) -> bool:
+  """Whether a GCS failure carries an answer of the server (an HTTP error response), not a connection problem."""
+  return _gcs_status(e) is not None or isinstance(e, (FileNotFoundError, PermissionError)) or _is_gcs_forbidden(e)
 
 
 class RetriesExhausted(OSError):
@@ -362,7 +409,9 @@ def _budget_for(endpoint: str | None, budget_s: float) -> tuple[float, bool]:
 def retry_transient(fn: Callable[[], T], what: str = "storage call", endpoint: str | None = None,
                     budget_s: float | None = None, base_delay_s: float | None = None,
                     max_delay_s: float | None = None, sleep: Callable[[float], None] = time.sleep,
-                    clock: Callable[[], float] = time.monotonic) -> T:
+                    clock: Callable[[], float] = time.monotonic,
+                    is_transient: Callable[[BaseException], bool] = _is_transient,
+                    answered: Callable[[BaseException], bool] = _answered) -> T:
   """Calls fn, retrying transient failures with exponential backoff and full jitter until the time budget is spent.
 
   Args:
@@ -375,6 +424,8 @@ def retry_transient(fn: Callable[[], T], what: str = "storage call", endpoint: s
       long as the one before, up to max_delay_s (None: RETRY_MAX_DELAY_S). The last wait ends at the budget.
     sleep: waits (tests pass a fake one, with a matching clock).
     clock: monotonic seconds.
+    is_transient: which failures are retried (the default classifies S3's / botocore's errors; GCS has its own).
+    answered: which failures carry an answer of the endpoint (an HTTP error response), so that it has answered.
 
   Returns:
     What fn returned.
@@ -393,9 +444,9 @@ def retry_transient(fn: Callable[[], T], what: str = "storage call", endpoint: s
     try:
       result = fn()
     except Exception as e:  # pylint: disable=broad-except
-      if endpoint is not None and _answered(e):
+      if endpoint is not None and answered(e):
         _answered_endpoints.add(endpoint)
-      if not _is_transient(e):
+      if not is_transient(e):
         raise
       elapsed = clock() - start
       allowed, first_contact = _budget_for(endpoint, budget_s)
@@ -415,18 +466,24 @@ def retry_transient(fn: Callable[[], T], what: str = "storage call", endpoint: s
       return result
 
 
-class S3Storage(Storage):
-  """`s3://bucket/prefix` on an S3-compatible endpoint, through s3fs (one client per process, built lazily)."""
+class BucketStorage(Storage):
+  """`<scheme>://bucket/prefix` through an fsspec filesystem, one client per process built lazily (subclasses give the
+  scheme, the client, the error classification and the wording of credential problems)."""
+
+  scheme = ""  # "s3" or "gs".
+  default_endpoint = ""  # Where requests go without an endpoint, for messages.
+  endpoint_settings = ""  # Where the endpoint is set, for messages.
+  is_transient = staticmethod(_is_transient)
+  answered = staticmethod(_answered)
 
   def __init__(self, location: str, endpoint_url: str | None = None):
-    rest = location.removeprefix("s3://").strip("/")
+    rest = location.removeprefix(f"{self.scheme}://").strip("/")
     self.bucket, _, prefix = rest.partition("/")
     self.prefix = prefix.strip("/")
     if not self.bucket:
-      raise StorageError(f"{location}: expected s3://bucket/prefix, found no bucket name", location)
+      raise StorageError(f"{location}: expected {self.scheme}://bucket/prefix, found no bucket name", location)
     # The endpoint is fixed when the storage is opened, so that worker processes use the same one.
-    self.endpoint_url = (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                         or None)
+    self.endpoint_url = endpoint_url or self._endpoint_from_environment()
     self._fs = None
     self._fs_pid = None
     self._bucket_exists = None
@@ -438,50 +495,70 @@ class S3Storage(Storage):
 
   def __setstate__(self, state):
     # A worker process started while the server is down must wait for it like its parent, not fail fast.
-    if state.pop("_endpoint_answered", False):
-      _answered_endpoints.add(state["endpoint_url"] or "")
+    answered = state.pop("_endpoint_answered", False)
     self.__dict__.update(state)
+    if answered:
+      _answered_endpoints.add(self._endpoint)
+
+  # -- what differs between stores -------------------------------------------------------------------------------------
+
+  def _endpoint_from_environment(self) -> str | None:
+    """The endpoint when none is given, from the environment; None for the store's default."""
+    raise NotImplementedError
+
+  def _new_client(self):
+    """This process's fsspec filesystem for this endpoint (and credential environment)."""
+    raise NotImplementedError
+
+  def _probe(self) -> None:
+    """One cheap request about the bucket itself; FileNotFoundError when it does not exist."""
+    raise NotImplementedError
+
+  def _credential_problem(self, e: BaseException) -> tuple[str, bool] | None:
+    """(what was found, whether the library's own message helps) for a credential or permission failure, else None."""
+    raise NotImplementedError
+
+  # -- common ----------------------------------------------------------------------------------------------------------
 
   @property
   def _endpoint(self) -> str:
     """The key of this storage's endpoint among those that have answered in this process."""
-    return self.endpoint_url or ""
+    return f"{self.scheme}:{self.endpoint_url or ''}"
 
   def retry_budget_s(self) -> float:
     """Seconds a transient failure would be retried now: the retry budget, or less until the endpoint has answered."""
     return _budget_for(self._endpoint, retry_budget())[0]
 
   def describe(self) -> str:
-    where = self.endpoint_url or "the default AWS endpoint (or the AWS profile's endpoint_url)"
-    return f"s3://{self.bucket}/{self.prefix} at {where}" if self.prefix else f"s3://{self.bucket} at {where}"
+    where = self.endpoint_url or self.default_endpoint
+    location = f"{self.scheme}://{self.bucket}/{self.prefix}" if self.prefix else f"{self.scheme}://{self.bucket}"
+    return f"{location} at {where}"
 
   def _key(self, relpath: str) -> str:
     relpath = _clean_relpath(relpath, self.describe())
     return "/".join(p for p in (self.prefix, relpath) if p)
 
   def url(self, relpath: str = "") -> str:
-    return f"s3://{self.bucket}/{self._key(relpath)}"
+    return f"{self.scheme}://{self.bucket}/{self._key(relpath)}"
 
   def _path(self, relpath: str) -> str:
     return f"{self.bucket}/{self._key(relpath)}"
 
   @property
   def fs(self):
-    """This process's s3fs client for this endpoint and AWS environment (see `_client`)."""
+    """This process's client for this endpoint and credential environment (see `_cached_client`)."""
     pid = os.getpid()
     if self._fs is None or self._fs_pid != pid:
-      self._fs = _client(self.endpoint_url)
+      self._fs = self._new_client()
       self._fs_pid = pid
       self._bucket_exists = None
     return self._fs
-
-  # -- errors ----------------------------------------------------------------------------------------------------------
 
   def _probe_bucket(self) -> bool | None:
     """True / False when the bucket's existence could be established, None when the probe itself failed."""
     if self._bucket_exists is None:
       try:
-        self.fs.call_s3("list_objects_v2", Bucket=self.bucket, MaxKeys=1)
+        self._probe()
         self._bucket_exists = True
       except FileNotFoundError:
         self._bucket_exists = False
@@ -490,37 +567,31 @@ class S3Storage(Storage):
     return self._bucket_exists
 
   def _error(self, action: str, relpath: str, e: BaseException, expected: str) -> StorageError:
-    from botocore import exceptions as boto_exceptions  # pylint: disable=g-import-not-at-top
     detail = f"{type(e).__name__}: {e}"
+    credential_problem = self._credential_problem(e)
     if isinstance(e, FileNotFoundError):
       if self._probe_bucket() is False:
         found = f"bucket {self.bucket!r} does not exist at this endpoint"
       else:
         found = "no such object"
       detail = ""
-    elif isinstance(e, PermissionError):
-      found = ("access denied: the credentials from the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
-               "AWS_PROFILE) were rejected or lack permission")
-    elif isinstance(e, boto_exceptions.NoCredentialsError):
-      found = ("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile "
-               "in ~/.aws/credentials")
-      detail = ""
-    elif isinstance(e, boto_exceptions.PartialCredentialsError):
-      found = "incomplete AWS credentials (for example an access key without its secret)"
+    elif credential_problem is not None:
+      found, keep_detail = credential_problem
+      detail = detail if keep_detail else ""
     elif isinstance(e, RetriesExhausted):
       endpoint = self.endpoint_url or "(default)"
       if e.first_contact:
         found = (f"the endpoint {endpoint} is unreachable: it has not answered since this process started "
                  f"({e.attempts} attempts over {e.elapsed_s:.1f} s; an endpoint that never answered gets "
-                 f"{e.budget_s:g} s, not the whole retry budget); check the endpoint URL (--endpoint_url, "
-                 "--config.dataset.endpoint_url or AWS_ENDPOINT_URL_S3) and that the server is running")
+                 f"{e.budget_s:g} s, not the whole retry budget); check the endpoint URL ({self.endpoint_settings}) "
+                 "and that the server is running")
       else:
-        state = "failing" if _answered(e.error) else "unreachable"
+        state = "failing" if self.answered(e.error) else "unreachable"
         found = (f"the endpoint {endpoint} {state} for {e.elapsed_s:.0f} s ({e.attempts} attempts), the whole retry "
                  f"budget of {e.budget_s:g} s; to wait longer for a server to come back, raise the budget with the "
                  f"environment variable {RETRY_BUDGET_ENV}=<seconds> or storage.set_retry_budget(seconds)")
       detail = f"{type(e.error).__name__}: {e.error}"
-    elif _is_transient(e):
+    elif self.is_transient(e):
       found = "a transient failure"
     else:
       found = "an error"
@@ -534,7 +605,8 @@ class S3Storage(Storage):
 
   def _retry(self, action: str, target: str, fn: Callable[[], T], budget_s: float) -> T:
     """retry_transient for `action` ("read") of `target` (a URL); RetriesExhausted when the budget is spent."""
-    return retry_transient(fn, f"{action} {target} ({self._where()})", self._endpoint, budget_s)
+    return retry_transient(fn, f"{action} {target} ({self._where()})", self._endpoint, budget_s,
+                           is_transient=self.is_transient, answered=self.answered)
 
   def _call(self, action: str, relpath: str, expected: str, fn: Callable[[], T]) -> T:
     budget_s = retry_budget()  # A malformed setting raises its own ValueError, not a storage error.
@@ -569,11 +641,11 @@ class S3Storage(Storage):
           errors.append((path, result))
         elif isinstance(result, bytes):
           done[path] = result
-        else:  # No result for this path (not expected from s3fs): read it on its own.
+        else:  # No result for this path (not expected from s3fs or gcsfs): read it on its own.
           failed[0] = relpath_of[path]
           done[path] = self.fs.cat_file(path)
       if errors:
-        path, error = next(((p, e) for p, e in errors if not _is_transient(e)), errors[0])
+        path, error = next(((p, e) for p, e in errors if not self.is_transient(e)), errors[0])
         failed[0] = relpath_of[path]
         raise error
 
@@ -614,7 +686,7 @@ class S3Storage(Storage):
     return self._list(relpath, "directory")
 
   def _list(self, relpath: str, entry_type: str) -> list[str]:
-    """Names of the entries of s3fs type `entry_type` ("file" or "directory", a common prefix) inside `relpath`."""
+    """Names of the entries of fsspec type `entry_type` ("file" or "directory", a common prefix) inside `relpath`."""
     key = self._key(relpath)
     folder = f"{self.bucket}/{key}".rstrip("/")
     budget_s = retry_budget()
@@ -638,6 +710,92 @@ class S3Storage(Storage):
     return sorted(names)
 
 
+class S3Storage(BucketStorage):
+  """`s3://bucket/prefix` on an S3-compatible endpoint, through s3fs."""
+
+  scheme = "s3"
+  default_endpoint = "the default AWS endpoint (or the AWS profile's endpoint_url)"
+  endpoint_settings = "--endpoint_url, --config.dataset.endpoint_url or AWS_ENDPOINT_URL_S3"
+
+  def _endpoint_from_environment(self) -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+  def _new_client(self):
+    return _s3_client(self.endpoint_url)
+
+  def _probe(self) -> None:
+    self.fs.call_s3("list_objects_v2", Bucket=self.bucket, MaxKeys=1)
+
+  def _credential_problem(self, e: BaseException) -> tuple[str, bool] | None:
+    from botocore import exceptions as boto_exceptions  # pylint: disable=g-import-not-at-top
+    if isinstance(e, PermissionError):
+      return ("access denied: the credentials from the AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
+              "AWS_PROFILE) were rejected or lack permission", True)
+    if isinstance(e, boto_exceptions.NoCredentialsError):
+      return ("no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming a profile "
+              "in ~/.aws/credentials", False)
+    if isinstance(e, boto_exceptions.PartialCredentialsError):
+      return "incomplete AWS credentials (for example an access key without its secret)", True
+    return None
+
+
+GCS_REQUIREMENTS = "requirements-gcs.txt"
+
+
+class GCSStorage(BucketStorage):
+  """`gs://bucket/prefix` on Google Cloud Storage (or an emulator), through gcsfs and the GCS JSON API.
+
+  The endpoint is the `endpoint_url` argument, else `STORAGE_EMULATOR_HOST` (the variable that gcsfs and
+  google-cloud-storage honour), else Google's. Credentials come from Google's standard chain (the key file named by
+  `GOOGLE_APPLICATION_CREDENTIALS`, `gcloud auth application-default login`, the VM's service account), with anonymous
+  access as gcsfs's last resort: they are never taken from dataset files, stored, pickled or written into messages.
+  """
+
+  scheme = "gs"
+  default_endpoint = "the Google Cloud Storage API"
+  endpoint_settings = "--endpoint_url, --config.dataset.endpoint_url or STORAGE_EMULATOR_HOST"
+  is_transient = staticmethod(_is_transient_gcs)
+  answered = staticmethod(_answered_gcs)
+
+  def __init__(self, location: str, endpoint_url: str | None = None):
+    missing = [name for name in ("gcsfs", "google.cloud.storage") if not _importable(name)]
+    if missing:
+      raise StorageError(f"{location}: gs:// locations need the optional Google Cloud Storage packages, and "
+                         f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: "
+                         f"pip install -r {GCS_REQUIREMENTS}", location)
+    super().__init__(location, endpoint_url)
+
+  def _endpoint_from_environment(self) -> str | None:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator in ("", "default"):
+      return None
+    return emulator if emulator.startswith(("http://", "https://")) else f"http://{emulator}"  # As gcsfs reads it.
+
+  def _new_client(self):
+    return _gcs_client(self.endpoint_url)
+
+  def _probe(self) -> None:
+    self.fs.call("GET", "b/{}/o", self.bucket, maxResults=1, json_out=True)
+
+  def _credential_problem(self, e: BaseException) -> tuple[str, bool] | None:
+    import google.auth.exceptions  # pylint: disable=g-import-not-at-top
+    if isinstance(e, PermissionError) or _is_gcs_forbidden(e):
+      return ("access denied: the Google credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud auth application-default "
+              "login or the machine's service account) were rejected or lack permission on the bucket", False)
+    if _gcs_status(e) == "401" or isinstance(e, (google.auth.exceptions.DefaultCredentialsError,
+                                                   google.auth.exceptions.RefreshError)):
+      return ("no valid Google credentials: set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file, or run "
+              "gcloud auth application-default login", True)
+    return None
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # A missing parent package (google.cloud).
+    return False
+
+
 def _scrub(message: str) -> str:
   """Removes the secret key of the environment from a message, should any library ever echo it."""
   for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
@@ -648,13 +806,15 @@ def _scrub(message: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# s3fs clients: one per process, endpoint and AWS environment
+# fsspec clients: one per process, store, endpoint and credential environment
 
 
 # Environment variables that change which identity or endpoint a new client gets.
-_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
-               "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION", "AWS_REGION",
-               "AWS_EC2_METADATA_DISABLED", "AWS_CA_BUNDLE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_S3_CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                  "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_DEFAULT_REGION",
+                  "AWS_REGION", "AWS_EC2_METADATA_DISABLED", "AWS_CA_BUNDLE", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_GCS_CLIENT_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "GOOGLE_CLOUD_PROJECT", "STORAGE_EMULATOR_HOST",
+                   "GOOGLE_CLOUD_UNIVERSE_DOMAIN", "NO_GCE_CHECK", "GCE_METADATA_HOST", "GCE_METADATA_IP")
 _clients: dict = {}
 _clients_lock = threading.Lock()
 _loader = None
@@ -670,35 +830,79 @@ def _forget_clients() -> None:
 os.register_at_fork(after_in_child=_forget_clients)
 
 
-def _client(endpoint_url: str | None):
-  """An s3fs client, shared by the Storage objects of this process with the same endpoint and AWS environment.
+def _cached_client(scheme: str, endpoint_url: str | None, env_names: Sequence[str], build: Callable[[], T]) -> T:
+  """The client of this process for `scheme` with this endpoint and these environment variables, built on first use.
 
-  Never s3fs's own instance cache (it ignores the environment, and a fork copies it); keyed by process id. The
-  environment enters the key only as a hash. All clients share one botocore data loader, so the S3 service model
-  (a large JSON file) is parsed once per process rather than once per client.
+  Never fsspec's own instance cache (it ignores the environment, and a fork copies it); keyed by process id. The
+  environment enters the key only as a hash.
   """
-  global _loader
-  env = "\0".join(os.environ.get(k, "\1") for k in _CLIENT_ENV)
-  key = (os.getpid(), endpoint_url, hashlib.sha256(env.encode()).hexdigest())
+  env = "\0".join(os.environ.get(k, "\1") for k in env_names)
+  key = (scheme, os.getpid(), endpoint_url, hashlib.sha256(env.encode()).hexdigest())
   with _clients_lock:
     fs = _clients.get(key)
     if fs is None:
-      # Imported here: local-only use stays free of botocore / aiohttp imports.
-      import aiobotocore.session  # pylint: disable=g-import-not-at-top
-      import botocore.loaders  # pylint: disable=g-import-not-at-top
-      import s3fs  # pylint: disable=g-import-not-at-top
-      if _loader is None:
-        _loader = botocore.loaders.create_loader()
-      session = aiobotocore.session.AioSession()
-      session.register_component("data_loader", _loader)
-      fs = s3fs.S3FileSystem(
-          endpoint_url=endpoint_url,
-          session=session,
-          skip_instance_cache=True,     # See above.
-          use_listings_cache=False,     # Listings must reflect the bucket now, not an earlier call.
-          max_concurrency=1,            # Whole-object GETs without a HEAD first.
-          config_kwargs={"retries": {"total_max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
-                         "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S})
-      fs.retries = 1  # s3fs's own loop retries any exception 5 times without waiting; ours is retry_transient.
-      _clients[key] = fs
+      fs = _clients[key] = build()
     return fs
+
+
+def _s3_client(endpoint_url: str | None):
+  """An s3fs client. All share one botocore data loader, so that the S3 service model (a large JSON file) is parsed
+  once per process rather than once per client."""
+
+  def build():
+    global _loader
+    # Imported here: local-only use stays free of botocore / aiohttp imports.
+    import aiobotocore.session  # pylint: disable=g-import-not-at-top
+    import botocore.loaders  # pylint: disable=g-import-not-at-top
+    import s3fs  # pylint: disable=g-import-not-at-top
+    if _loader is None:
+      _loader = botocore.loaders.create_loader()
+    session = aiobotocore.session.AioSession()
+    session.register_component("data_loader", _loader)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint_url,
+        session=session,
+        skip_instance_cache=True,     # See _cached_client.
+        use_listings_cache=False,     # Listings must reflect the bucket now, not an earlier call.
+        max_concurrency=1,            # Whole-object GETs without a HEAD first.
+        config_kwargs={"retries": {"total_max_attempts": BOTO_MAX_ATTEMPTS, "mode": "standard"},
+                       "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": READ_TIMEOUT_S})
+    fs.retries = 1  # s3fs's own loop retries any exception 5 times without waiting; ours is retry_transient.
+    return fs
+
+  return _cached_client("s3", endpoint_url, _S3_CLIENT_ENV, build)
+
+
+@functools.cache
+def _one_attempt_gcsfs():
+  """gcsfs's JSON-API filesystem, each request made once.
+
+  gcsfs's request method is wrapped in its own retry loop (6 attempts over about 30 s, fixed when the class is
+  defined), which would hide retries from retry_transient's log and budget and stretch the first-contact budget of a
+  mistyped endpoint; the subclass calls the unwrapped method. It is gcsfs's core filesystem, not the
+  ExtendedGcsFileSystem that `gcsfs.GCSFileSystem` names by default: that one first asks the gRPC storage-control API
+  for each bucket's layout (zonal or hierarchical namespace), which whole-object reads, writes and listings do not
+  need.
+  """
+  import gcsfs.core  # pylint: disable=g-import-not-at-top
+
+  class OneAttemptGCSFileSystem(gcsfs.core.GCSFileSystem):
+
+    async def _request(self, *args, **kwargs):
+      return await gcsfs.core.GCSFileSystem._request.__wrapped__(self, *args, **kwargs)  # pylint: disable=no-member
+
+  return OneAttemptGCSFileSystem
+
+
+def _gcs_client(endpoint_url: str | None):
+  """A gcsfs client with Google's default credential chain, bounded connect and read timeouts and no retries."""
+
+  def build():
+    import aiohttp  # pylint: disable=g-import-not-at-top
+    return _one_attempt_gcsfs()(
+        endpoint_url=endpoint_url,
+        skip_instance_cache=True,     # See _cached_client.
+        use_listings_cache=False,     # Listings must reflect the bucket now, not an earlier call.
+        requests_timeout=aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S))
+
+  return _cached_client("gs", endpoint_url, _GCS_CLIENT_ENV, build)
