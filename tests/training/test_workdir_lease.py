@@ -11,12 +11,13 @@ import pytest
 from panoptic_jax.training import workdir as workdir_lib
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gs"])
 def location(request, tmp_path, monkeypatch):
   monkeypatch.setattr(workdir_lib, "SETTLE_S", 0.05)
   if request.param == "local":
     return str(tmp_path / "run")
-  return f"s3://{request.getfixturevalue('s3_root')}/run"
+  root = request.getfixturevalue({"s3": "s3_root", "gs": "gcs_root"}[request.param])  # Real servers (conftest).
+  return f"{request.param}://{root}/run"
 
 
 def _write_lease(location: str, **fields) -> None:
