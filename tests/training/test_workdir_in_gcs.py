@@ -5,6 +5,8 @@ TENSORSTORE_GCS_HTTP_URL), etils.epath / gcsfs for the small files and google-cl
 completeness is Orbax's commit file, as on S3. Skipped without the optional packages of requirements-gcs.txt.
 """
 
+import json
+
 import grain
 import jax
 import jax.numpy as jnp
@@ -13,8 +15,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from panoptic_jax.data import storage as storage_lib
+from panoptic_jax.inference import trained_model
 from panoptic_jax.training import checkpoint, orbax_s3, sharding
+from panoptic_jax.training import workdir as workdir_lib
 from tests import gcs_server as gcs_server_lib
+from tests.training import train_helpers as th
 
 pytestmark = pytest.mark.skipif(not gcs_server_lib.gcs_packages_installed(),
                                 reason=gcs_server_lib.MISSING_PACKAGES_REASON)
@@ -22,9 +27,10 @@ pytestmark = pytest.mark.skipif(not gcs_server_lib.gcs_packages_installed(),
 
 def _state(mesh, scale: float) -> dict:
   """A train-state-like pytree: a batch-sharded matrix, a replicated vector and a step."""
-  return {"step": jax.device_put(jnp.asarray(3, jnp.int32), sharding.replicated(mesh)),
-          "params": {"w": jax.device_put(scale * jnp.arange(64.0).reshape(16, 4), NamedSharding(mesh, P(sharding.BATCH_AXES))),
-                     "b": jax.device_put(scale * jnp.ones(5), sharding.replicated(mesh))}}
+  replicated, batch_sharded = sharding.replicated(mesh), NamedSharding(mesh, P(sharding.BATCH_AXES))
+  return {"step": jax.device_put(jnp.asarray(3, jnp.int32), replicated),
+          "params": {"w": jax.device_put(scale * jnp.arange(64.0).reshape(16, 4), batch_sharded),
+                     "b": jax.device_put(scale * jnp.ones(5), replicated)}}
 
 
 def _abstract(state) -> dict:
@@ -77,3 +83,19 @@ def _files(bucket, folder: str) -> list[str]:
   for sub in bucket.list_folders(folder):
     found += _files(bucket, f"{folder}/{sub}")
   return found
+
+
+@pytest.mark.slow
+def test_a_training_run_with_a_gcs_workdir_logs_the_reference_losses(gcs_root):
+  """The tiny 6-step run with a gs:// workdir (config, metrics, TensorBoard, lease and checkpoints in the emulator)
+  logs exactly the scalars of the same run in a local folder, and its checkpoint loads back."""
+  location = f"gs://{gcs_root}/run"
+  th.run_in_process(location, "train")
+  reference, _ = th.mesh_8x1_run()  # Shared with test_workdir_in_bucket.py (once per session).
+  wd = workdir_lib.Workdir(location)
+  rows = [json.loads(line) for line in wd.storage.read_bytes("metrics.jsonl").decode().splitlines()]
+  logged = {int(r["step"]): {k: v for k, v in r.items() if k.startswith("train/")} for r in rows if "train/loss" in r}
+  assert logged == th.train_metrics(reference)  # Every logged scalar, steps 1..6, bit for bit.
+  assert wd.checkpoint_steps() == [4, 6] and not wd.storage.exists("lock")
+  assert wd.storage.exists("config.json") and wd.storage.list_files("tensorboard")
+  assert trained_model.load(location).step == th.STEPS  # The whole train state reads back from the bucket.
