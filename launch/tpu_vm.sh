@@ -242,6 +242,7 @@ run_once() {
     fi
     sleep "$POLL_S"
   done
+  # A run stopped by SIGTERM saves, logs "Stopped at step N after a stop signal" and exits 0 like a finished one.
   if grep -q "after a stop signal" "$log_file"; then
     OUTCOME=stopped
   elif (( STATUS == 0 )); then
