@@ -470,11 +470,11 @@ class BucketStorage(Storage):
   """`<scheme>://bucket/prefix` through an fsspec filesystem, one client per process built lazily (subclasses give the
   scheme, the client, the error classification and the wording of credential problems)."""
 
-  scheme = ""  # "s3" or "gs".
-  default_endpoint = ""  # Where requests go without an endpoint, for messages.
-  endpoint_settings = ""  # Where the endpoint is set, for messages.
-  is_transient = staticmethod(_is_transient)
-  answered = staticmethod(_answered)
+  scheme: str  # "s3" or "gs".
+  default_endpoint: str  # Where requests go without an endpoint, for messages.
+  endpoint_settings: str  # Where the endpoint is set, for messages.
+  is_transient: Callable[[BaseException], bool]  # Failures worth another attempt (see retry_transient).
+  answered: Callable[[BaseException], bool]  # Failures that are an answer of the endpoint.
 
   def __init__(self, location: str, endpoint_url: str | None = None):
     rest = location.removeprefix(f"{self.scheme}://").strip("/")
@@ -568,14 +568,13 @@ class BucketStorage(Storage):
 
   def _error(self, action: str, relpath: str, e: BaseException, expected: str) -> StorageError:
     detail = f"{type(e).__name__}: {e}"
-    credential_problem = self._credential_problem(e)
     if isinstance(e, FileNotFoundError):
       if self._probe_bucket() is False:
         found = f"bucket {self.bucket!r} does not exist at this endpoint"
       else:
         found = "no such object"
       detail = ""
-    elif credential_problem is not None:
+    elif (credential_problem := self._credential_problem(e)) is not None:
       found, keep_detail = credential_problem
       detail = detail if keep_detail else ""
     elif isinstance(e, RetriesExhausted):
@@ -716,6 +715,8 @@ class S3Storage(BucketStorage):
   scheme = "s3"
   default_endpoint = "the default AWS endpoint (or the AWS profile's endpoint_url)"
   endpoint_settings = "--endpoint_url, --config.dataset.endpoint_url or AWS_ENDPOINT_URL_S3"
+  is_transient = staticmethod(_is_transient)
+  answered = staticmethod(_answered)
 
   def _endpoint_from_environment(self) -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
