@@ -4,6 +4,10 @@
       cli.run(main)                                  # main(argv) -> exit status, argparse inside
       cli.run_absl(main, malloc_tunables=True)       # an absl app (flags parsed here)
 
+libtpu, when installed on a host without a TPU (requirements-tpu.txt: the memory plan's TPU compiler), is kept out of
+the CPU programs: JAX would otherwise start a TPU client at first use (failing, with a screenful of libtpu errors) and
+`host_memory` would take the host for an accelerator host. See `skip_absent_tpu`.
+
 A user error (`panoptic_jax.errors.UserError`: a bad path, config field or file, storage that cannot be reached) or
 an operating-system error (a missing file, no permission, a full disk) prints `error: <message>` on stderr and exits
 with status 2, without a traceback; so does a bad command-line flag. `--verbose` (or `PANOPTIC_JAX_TRACEBACK=1`)
@@ -14,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import glob
+import importlib.util
 import logging
 import os
 import pathlib
@@ -27,6 +33,31 @@ from panoptic_jax.errors import UserError
 TRACEBACK_ENV = "PANOPTIC_JAX_TRACEBACK"
 VERBOSE_FLAG = "--verbose"
 EXIT_USER_ERROR = 2
+
+
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}  # As jax's hardware_utils.
+
+
+def tpu_chips_present() -> bool:
+  """Whether a TPU chip is on this host's PCI bus (what JAX checks; read here without importing JAX)."""
+  for vendor in map(pathlib.Path, glob.glob("/sys/bus/pci/devices/*/vendor")):
+    try:
+      ids = vendor.read_text().strip(), vendor.with_name("device").read_text().strip()
+    except OSError:
+      continue
+    if ids[0] == _GOOGLE_PCI_VENDOR and ids[1] in _TPU_PCI_DEVICES:
+      return True
+  return False
+
+
+def skip_absent_tpu() -> None:
+  """`JAX_PLATFORMS=cpu` where libtpu is the only accelerator runtime installed and the host has no TPU, unless the
+  user set JAX_PLATFORMS. Compiling for a TPU topology (the memory plan) loads libtpu itself and still works."""
+  if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+    return
+  if host_memory._accelerator_plugins() == ["libtpu"] and not tpu_chips_present():
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def _split_verbose(argv: Sequence[str]) -> tuple[bool, list[str]]:
@@ -67,6 +98,7 @@ def run(main: Callable[[list[str]], int | None], *, malloc_tunables: bool = Fals
     main: the command; parses its own arguments.
     malloc_tunables, inline_dispatch: the `host_memory` settings this command benefits from (CPU-only hosts).
   """
+  skip_absent_tpu()
   host_memory.configure(malloc_tunables=malloc_tunables, inline_dispatch=inline_dispatch)
   verbose, argv = _split_verbose(sys.argv)
   sys.exit(_call(lambda: main(argv[1:]), verbose))
@@ -95,6 +127,7 @@ def run_absl(main: Callable[[list[str]], int | None], *, argv_hook: Callable[[li
   """
   from absl import app, flags  # Here: absl only for the commands that use it.
 
+  skip_absent_tpu()
   host_memory.configure(malloc_tunables=malloc_tunables, inline_dispatch=inline_dispatch)
   verbose, argv = _split_verbose(sys.argv)
 
