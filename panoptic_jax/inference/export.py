@@ -18,8 +18,10 @@ CPU lowering carries the XLA:CPU convolutions and the GPU / TPU lowerings plain 
 
 from __future__ import annotations
 
+import io
 import json
-import pathlib
+import os
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import panoptic_jax
+from panoptic_jax.data.storage import open_storage
 from panoptic_jax.inference import predict
 from panoptic_jax.inference.serving import FORMAT_VERSION, MANIFEST
 from panoptic_jax.inference.trained_model import TrainedModel
@@ -93,7 +96,7 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
 
   Args:
     model: loaded with the compute dtype wanted (`trained_model.load(..., dtype=)`).
-    out: the artifact's folder (created; files in it are replaced).
+    out: the artifact's folder, local or in a bucket (created; files in it are replaced).
     platforms: lowerings to include ("cpu", "cuda", "tpu").
     dtype: the compute dtype the model was loaded with (recorded in the manifest).
     onnx: also write ONNX_FILE, the network alone (images -> mask and class logits; `onnx_export.py`).
@@ -112,10 +115,11 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
       weight_specs, images)
   seconds = time.perf_counter() - start
 
-  folder = pathlib.Path(out)
-  folder.mkdir(parents=True, exist_ok=True)
-  (folder / FUNCTION).write_bytes(exported.serialize())
-  np.savez(folder / WEIGHTS, **weights)
+  artifact = open_storage(out)
+  artifact.write_bytes(FUNCTION, exported.serialize())
+  stored = io.BytesIO()
+  np.savez(stored, **weights)
+  artifact.write_bytes(WEIGHTS, stored.getvalue())
   manifest = {
       "format": "panoptic_jax export", "format_version": FORMAT_VERSION,
       "panoptic_jax_version": panoptic_jax.__version__, "jax_version": jax.__version__,
@@ -131,6 +135,11 @@ def export(model: TrainedModel, out: str, platforms: Sequence[str] = PLATFORMS, 
   }
   if onnx:
     from panoptic_jax.inference import onnx_export  # Needs requirements-onnx.txt.
-    manifest["onnx"] = onnx_export.export_onnx(model.model(), model.spec.crop_size, str(folder / ONNX_FILE))
-  (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    with tempfile.TemporaryDirectory() as staging:  # The ONNX library writes files; the artifact may be in a bucket.
+      local = os.path.join(staging, ONNX_FILE)
+      manifest["onnx"] = {**onnx_export.export_onnx(model.model(), model.spec.crop_size, local),
+                          "path": artifact.url(ONNX_FILE)}
+      with open(local, "rb") as f:
+        artifact.write_bytes(ONNX_FILE, f.read())
+  artifact.write_bytes(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
   return manifest

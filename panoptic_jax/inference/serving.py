@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
-import pathlib
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 import panoptic_jax
+from panoptic_jax.data.storage import Storage, open_storage
 from panoptic_jax.errors import UserError
 from panoptic_jax.inference.spec import ModelSpec
 
@@ -52,13 +53,13 @@ class LoadedArtifact:
   network: Callable[[np.ndarray], dict]
 
 
-def _read_manifest(folder: pathlib.Path) -> dict[str, Any]:
-  path = folder / MANIFEST
-  if not path.is_file():
-    raise ArtifactError(f"{folder}: not an exported model (no {MANIFEST}); write one with "
+def _read_manifest(folder: Storage) -> dict[str, Any]:
+  path = folder.url(MANIFEST)
+  if not folder.exists(MANIFEST):
+    raise ArtifactError(f"{folder.url()}: not an exported model (no {MANIFEST}); write one with "
                         "python -m panoptic_jax.export --workdir RUN --out ARTIFACT")
   try:
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(folder.read_bytes(MANIFEST))
   except ValueError as e:
     raise ArtifactError(f"{path}: not valid JSON ({e})") from None
   version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -76,19 +77,19 @@ def load(artifact: str, device: jax.Device | None = None) -> LoadedArtifact:
   Raises:
     ArtifactError: see the module docstring.
   """
-  folder = pathlib.Path(artifact)
+  folder = open_storage(artifact)
   manifest = _read_manifest(folder)
   device = device or jax.local_devices()[0]
   platform = "cuda" if device.platform == "gpu" else device.platform
   if platform not in manifest["platforms"]:
-    raise ArtifactError(f"{folder}: exported for {', '.join(manifest['platforms'])}, not for this machine's "
+    raise ArtifactError(f"{folder.url()}: exported for {', '.join(manifest['platforms'])}, not for this machine's "
                         f"{platform}; export again with --platforms including {platform}")
   try:
-    exported = jax.export.deserialize(bytearray((folder / manifest["function"]["file"]).read_bytes()))
-    with np.load(folder / manifest["weights"]["file"]) as stored:
+    exported = jax.export.deserialize(bytearray(folder.read_bytes(manifest["function"]["file"])))
+    with np.load(io.BytesIO(folder.read_bytes(manifest["weights"]["file"]))) as stored:
       weights = {name: stored[name] for name in stored.files}
   except (OSError, ValueError, KeyError) as e:
-    raise ArtifactError(f"{folder}: cannot read the exported function or weights ({type(e).__name__}: {e}); it was "
+    raise ArtifactError(f"{folder.url()}: cannot read the exported function or weights ({type(e).__name__}: {e}); it was "
                         f"written by jax {manifest.get('jax_version')}, this is jax {jax.__version__}") from None
   weights = jax.device_put(weights, device)
   call = jax.jit(exported.call)

@@ -84,8 +84,8 @@ def test_local_missing_metadata(tmp_path):
 
 
 def test_unsupported_scheme():
-  with pytest.raises(StorageError, match="gs://b/p: unsupported location"):
-    open_storage("gs://b/p")
+  with pytest.raises(StorageError, match="ftp://b/p: unsupported location"):
+    open_storage("ftp://b/p")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -154,10 +154,10 @@ def memorised_workdir() -> tuple[pathlib.Path, pathlib.Path]:
     config.input.crop_size, config.input.resize_to_crop = CROP_HW, False
     workdir = workdir_lib.Workdir(root / "run")
     train.record_run(workdir, config, (str(dataset), str(dataset)), synthetic.INFO)
-    saver = checkpoint.Checkpointer(str(workdir.checkpoints), every=0, keep=1)
+    saver = checkpoint.Checkpointer(workdir.checkpoints, every=0, keep=1)
     saver.save(memoriser.step, memoriser.state, None, force=True)
     saver.close()
-    return workdir.path, dataset
+    return root / "run", dataset
   return th.memo("memorised_workdir", compute)
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from panoptic_jax.data import storage
-from panoptic_jax.inference import trained_model
+from panoptic_jax.inference import export, serving, trained_model
 from panoptic_jax.training import checkpoint, train
 from panoptic_jax.training import workdir as workdir_lib
 from tests.training import train_helpers as th
@@ -69,7 +69,7 @@ def test_a_run_in_a_bucket_stopped_by_sigterm_resumes_exactly(stopped_and_resume
   assert bucket.list_files("tensorboard"), "no TensorBoard events in the bucket"
 
 
-def test_eval_mode_and_prediction_read_the_run_from_the_bucket(stopped_and_resumed):
+def test_eval_mode_prediction_and_export_read_the_run_from_the_bucket(stopped_and_resumed):
   location, _, _ = stopped_and_resumed
   _, uninterrupted = th.mesh_8x1_run()
   assert th.run_in_process(location, "eval")["scalars"] == uninterrupted["scalars"]  # The same state (step 6).
@@ -77,6 +77,9 @@ def test_eval_mode_and_prediction_read_the_run_from_the_bucket(stopped_and_resum
   assert len(pictures) == 2 and all(name.startswith("step0000006_") for name in pictures), pictures
   model = trained_model.load(location)
   assert model.step == th.STEPS and model.workdir == location
+  export.export(model, f"{location}-exported", platforms=("cpu",))  # An artifact in a bucket, and served from there.
+  loaded = serving.load(f"{location}-exported")
+  assert loaded.manifest["source"] == {"workdir": location, "step": th.STEPS, "preset": "kmax_tiny"}
 
 
 def test_a_checkpoint_half_written_when_the_process_died_is_ignored(stopped_and_resumed, s3_server):
