@@ -84,8 +84,9 @@ def _semantic(parser, args) -> int:
 
 def _write_json(result: dict, path: str | None) -> None:
   if path:
-    with open(path, "w") as f:
-      json.dump(result, f, indent=1)
+    from panoptic_jax.data.storage import open_file
+    folder, name = open_file(path)
+    folder.write_bytes(name, json.dumps(result, indent=1).encode())
     print(f"wrote {path}")
 
 

@@ -149,6 +149,13 @@ def open_storage(location: "str | os.PathLike[str] | Storage", endpoint_url: str
   return LocalStorage(location.removeprefix("file://"))
 
 
+def open_file(location: "str | os.PathLike[str]", endpoint_url: str | None = None) -> tuple[Storage, str]:
+  """The storage of a single file's folder and the file's name: `open_file("s3://b/x/metrics.json")` is
+  (the storage of s3://b/x, "metrics.json"); a bare file name is in the current folder."""
+  folder, _, name = os.fspath(location).rpartition("/")
+  return open_storage(folder or ".", endpoint_url), name
+
+
 def _clean_relpath(relpath: str, where: str) -> str:
   parts = [p for p in str(relpath).replace("\\", "/").split("/") if p not in ("", ".")]
   if ".." in parts:

@@ -38,7 +38,7 @@ from PIL import ImageFile
 from panoptic_jax import cli
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import Dataset, image_size
-from panoptic_jax.data.storage import StorageError
+from panoptic_jax.data.storage import StorageError, open_file
 
 _MAX_NAMES = 20
 
@@ -284,9 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                             processes=args.processes, headers_only=args.headers_only)
   print(format_summary(summary))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(summary, f, indent=2)
-      f.write("\n")
+    folder, name = open_file(args.json, args.endpoint_url)
+    folder.write_bytes(name, (json.dumps(summary, indent=2) + "\n").encode())
   return 0 if summary["valid"] else 1
 
 

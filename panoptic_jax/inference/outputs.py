@@ -53,7 +53,7 @@ import numpy as np
 from panoptic_jax import visualize
 from panoptic_jax.data import dataset_format as fmt
 from panoptic_jax.data.dataset import IMAGES, METADATA, read_metadata
-from panoptic_jax.data.storage import LocalStorage, Storage, open_storage
+from panoptic_jax.data.storage import LocalStorage, Storage, open_file, open_storage
 from panoptic_jax.errors import UserError
 
 ANNOTATIONS = "panoptic_maps"
@@ -263,8 +263,8 @@ def _coco_ids(path: str | os.PathLike, info: fmt.DatasetInfo,
               endpoint_url: str | None) -> tuple[list[int], dict[str, object]]:
   """(COCO category id of each model category, image id by file stem) from a COCO panoptic JSON's categories and
   images, categories matched by name."""
-  folder, _, file = os.fspath(path).rpartition("/")
-  data = open_storage(folder or ".", endpoint_url).read_bytes(file)
+  folder, file = open_file(path, endpoint_url)
+  data = folder.read_bytes(file)
   try:
     doc = json.loads(data)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 from panoptic_jax import cli  # noqa: E402
+from panoptic_jax.data.storage import open_file  # noqa: E402
 from panoptic_jax.model import kmax_deeplab  # noqa: E402
 from panoptic_jax.weights import importer, init_from  # noqa: E402
 
@@ -44,8 +45,8 @@ def inspect(args: argparse.Namespace) -> int:
     for target in report.left_at_init:
       print(f"  (left at initialisation) {target} {targets[target].shape}")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report.to_json(), f, indent=1)
+    folder, name = open_file(args.json)
+    folder.write_bytes(name, json.dumps(report.to_json(), indent=1).encode())
   return 0
 
 
