@@ -59,19 +59,19 @@ def run_point(out: pathlib.Path, recipe: str, topology: str, per_chip: int, dtyp
 
 def table(reports: list[dict]) -> str:
   """Markdown, one table per topology."""
-  columns = ["recipe", "images/chip", "dtype", "remat", "arguments GiB", "temporaries GiB", "total GiB / HBM",
+  columns = ["recipe", "images/chip", "dtype", "remat", "arguments GiB", "temporaries GiB", "total GiB / usable HBM",
              "headroom GiB", "TFLOP/chip-step", "roofline ms/step", "verdict", "compile s"]
   out = []
   for topology in sorted({r["point"]["topology"] for r in reports}):
     rows = [r for r in reports if r["point"]["topology"] == topology]
-    out += [f"### {topology} ({rows[0]['target']})", "", "| " + " | ".join(columns) + " |",
+    out += [f"### {rows[0]['target']}", "", "| " + " | ".join(columns) + " |",
             "|" + "---|" * len(columns)]
     for r in sorted(rows, key=lambda r: (r["point"]["recipe"], r["point"]["per_chip"], r["point"]["dtype"],
                                          r["point"]["remat"])):
       p, s = r["point"], r["steps"][0]
       out.append("| " + " | ".join(str(v) for v in [
           p["recipe"], p["per_chip"], p["dtype"], p["remat"], f"{s['arguments_gib']:.2f}",
-          f"{s['temporaries_gib']:.2f}", f"{s['total_gib']:.2f} / {s['hbm_gib']:.0f}", f"{s['headroom_gib']:+.2f}",
+          f"{s['temporaries_gib']:.2f}", f"{s['total_gib']:.2f} / {s['hbm_gib']:.2f}", f"{s['headroom_gib']:+.2f}",
           f"{s['tflop']:.2f}", f"{s['roofline_s'] * 1e3:.0f}", s["verdict"], f"{s['compile_s']:.0f}"]) + " |")
     out.append("")
   return "\n".join(out)
