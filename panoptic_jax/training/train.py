@@ -120,7 +120,9 @@ def create_state(config: ml_collections.ConfigDict, num_classes: int, mesh: jax.
     (model definition, state, state shardings).
   """
   model_def, init, shardings = state_layout(config, num_classes, mesh, tx)
-  return model_def, init(), shardings
+  # Compiled together: a process that finds `init` in the persistent compilation cache would otherwise reach the next
+  # collective (Orbax's start-up sync) while another still compiles it, and gloo gives up after 30 s.
+  return model_def, sharding.compile_together(init, name="init_state")(), shardings
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -36,15 +36,10 @@ def calls(fake_dir: pathlib.Path) -> list[dict]:
 
 
 def tiny_run_flags(workdir: pathlib.Path) -> list[str]:
-  """train_helpers' tiny 6-step run as main.py flags (without --config and --workdir, which the scripts give).
-
-  No persistent compilation cache: JAX writes it from process 0 only, so with a warm cache process 0 loads the
-  programs of its own devices while process 1 compiles those of its devices, reaches the first cross-process
-  collective tens of seconds later on a loaded machine, and gloo gives up after its fixed 30 s. Compiling in both
-  processes keeps them together.
-  """
+  """train_helpers' tiny 6-step run as main.py flags (without --config and --workdir, which the scripts give), with
+  the tests' persistent compilation cache."""
   command = th.main_command(workdir, "train", th.tiny_dataset())
-  return [a for a in command if a.startswith(("--config.", "--mode="))] + ["--compilation_cache="]
+  return [a for a in command if a.startswith(("--config.", "--mode=", "--compilation_cache="))]
 
 
 def output(result: subprocess.CompletedProcess) -> str:
