@@ -11,6 +11,11 @@ with the file missing stops before building anything; `--config.model.init_from=
 Panoptic copy-paste of a second training image is part of the recipe (DeepLab2's and the PyTorch port's;
 panoptic_jax/data/transforms.py): `--config.input.copy_paste=False` turns it off.
 
+Memory: bf16 compute (float32 parameters) and rematerialised stages, so that the published batch fits the cheapest
+slice, a v5e-8 (8 images per chip): `python -m panoptic_jax.plan --config=configs/coco.py --topology=v5e-8` plans
+14.33 GiB per chip of the 15.75 GiB usable; float32 without remat needs 57.8 GiB per chip (BENCHMARKS.md, "Memory
+plan"). On chips with more memory `--config.model.remat=False` trains faster.
+
 The base (panoptic_jax/training/config.py) holds the losses and the optimiser of the recipe; this file what is
 specific to COCO.
 """
@@ -31,6 +36,8 @@ def get_config():
   config.input.max_scale = 1.7
   config.input.resize_to_crop = True  # The long side is resized to the crop (train and eval).
   config.train.batch_size = 64
+  config.model.dtype = "bfloat16"
+  config.model.remat = True
   config.train.steps = 150_000
   config.train.eval_every = 10_000
   config.eval.postprocess = "coco"
