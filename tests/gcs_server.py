@@ -21,7 +21,6 @@ import dataclasses
 import itertools
 import os
 import pathlib
-import signal
 import socket
 import subprocess
 import tempfile
@@ -30,6 +29,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+
+from tests import s3_server
 
 # gcsfs reads this once, at import: "false" makes `gcsfs.GCSFileSystem` (which etils.epath, and so Orbax, uses for
 # gs://) its core JSON-API filesystem instead of the ExtendedGcsFileSystem, which first asks the gRPC storage-control
@@ -156,14 +157,7 @@ def start_server(timeout_s: float = _START_TIMEOUT_S) -> GCSServer:
 
 def stop_server(server: GCSServer, grace_s: float = 10.0) -> None:
   """SIGTERM, then SIGKILL after `grace_s`; removes the log."""
-  process = server.process
-  if process.poll() is None:
-    process.send_signal(signal.SIGTERM)
-    try:
-      process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      process.wait(timeout=grace_s)
+  s3_server.terminate(server.process, grace_s)
   server.log_path.unlink(missing_ok=True)
 
 

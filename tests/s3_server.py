@@ -202,9 +202,8 @@ def start_server(timeout_s: float = _START_TIMEOUT_S) -> S3Server:
   return server
 
 
-def stop_server(server: S3Server, grace_s: float = 10.0) -> None:
-  """SIGTERM, then SIGKILL after `grace_s`; removes the data folder and log."""
-  process = server.process
+def terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+  """SIGTERM, then SIGKILL after `grace_s` (the emulators' servers: tests/gcs_server.py too)."""
   if process.poll() is None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -212,6 +211,11 @@ def stop_server(server: S3Server, grace_s: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
       process.kill()
       process.wait(timeout=grace_s)
+
+
+def stop_server(server: S3Server, grace_s: float = 10.0) -> None:
+  """SIGTERM, then SIGKILL after `grace_s`; removes the data folder and log."""
+  terminate(server.process, grace_s)
   shutil.rmtree(server.data_dir, ignore_errors=True)
   server.log_path.unlink(missing_ok=True)
 

@@ -7,12 +7,9 @@ completeness is Orbax's commit file, as on S3. Skipped without the optional pack
 
 import json
 
-import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from panoptic_jax.data import storage as storage_lib
 from panoptic_jax.inference import trained_model
@@ -20,25 +17,10 @@ from panoptic_jax.training import checkpoint, orbax_s3, sharding
 from panoptic_jax.training import workdir as workdir_lib
 from tests import gcs_server as gcs_server_lib
 from tests.training import train_helpers as th
+from tests.training.test_checkpoint import _abstract, _iterator, _state
 
 pytestmark = pytest.mark.skipif(not gcs_server_lib.gcs_packages_installed(),
                                 reason=gcs_server_lib.MISSING_PACKAGES_REASON)
-
-
-def _state(mesh, scale: float) -> dict:
-  """A train-state-like pytree: a batch-sharded matrix, a replicated vector and a step."""
-  replicated, batch_sharded = sharding.replicated(mesh), NamedSharding(mesh, P(sharding.BATCH_AXES))
-  return {"step": jax.device_put(jnp.asarray(3, jnp.int32), replicated),
-          "params": {"w": jax.device_put(scale * jnp.arange(64.0).reshape(16, 4), batch_sharded),
-                     "b": jax.device_put(scale * jnp.ones(5), replicated)}}
-
-
-def _abstract(state) -> dict:
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def _iterator() -> grain.DatasetIterator:
-  return iter(grain.MapDataset.range(40).shuffle(seed=3).batch(2).to_iter_dataset())
 
 
 def test_checkpoints_in_gcs_save_keep_the_newest_restore_and_drop_uncommitted_steps(gcs_root):
