@@ -76,8 +76,10 @@ def test_evaluating_a_trained_run_needs_no_training_set():
 
 def test_model_arch_applies_dtype_remat_and_mask_slots():
   config = _coco()
-  assert config_lib.model_arch(config).num_slots == 128
+  default = config_lib.model_arch(config)
+  assert (default.num_slots, default.dtype, default.remat) == (128, "bfloat16", True)
   config.model.num_slots = 64
-  config.model.dtype = "bfloat16"
+  config.model.dtype = "float32"
+  config.model.remat = False
   arch = config_lib.model_arch(config)
-  assert (arch.num_slots, arch.dtype, arch.remat) == (64, "bfloat16", False)
+  assert (arch.num_slots, arch.dtype, arch.remat) == (64, "float32", False)
