@@ -48,8 +48,8 @@ from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from panoptic_jax import cli  # noqa: E402
-from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator,  # noqa: E402
-                                                      aligned_full, panoptic_stats)
+from panoptic_jax.evaluation.panoptic_quality import aligned_full, panoptic_stats  # noqa: E402
+from panoptic_jax.evaluation.segment_stats import NO_CROWD, VOID, PanopticQualityAccumulator  # noqa: E402
 
 NUM_CATEGORIES = 40
 THINGS = 25  # Categories 0..24 are things.

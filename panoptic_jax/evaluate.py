@@ -73,7 +73,7 @@ def _semantic(parser, args) -> int:
     parser.error("a semantic-segmentation GT (--gt) is scored against --pred, predictions in the project's format")
   if args.max_pictures < 0:
     parser.error(f"--max_pictures: expected a number >= 0, found {args.max_pictures}")
-  from panoptic_jax.evaluation import semantic_external  # Imports JAX (only for the mIoU helpers; nothing runs on it).
+  from panoptic_jax.evaluation import semantic_external
   result = semantic_external.evaluate_external(args.gt, args.pred, args.class_map, args.endpoint_url,
                                                pictures=args.pictures, max_pictures=args.max_pictures,
                                                num_workers=args.workers)
@@ -127,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, flag) is not None:
       parser.error(f"--{flag} applies to a GT with 'task: {SEMANTIC_TASK}' in its metadata.yaml; this GT is "
                    f"{'a COCO panoptic JSON' if task is None else repr(task)}")
-  _one_device_per_core()
-  from panoptic_jax.evaluation import evaluator as evaluator_lib  # Imports JAX.
+  from panoptic_jax.evaluation import evaluator as evaluator_lib
   from panoptic_jax.evaluation.coco_format import CocoFormatError
-  cli.initialise_jax()  # The persistent compilation cache: later runs skip compiling the metric.
+  if args.gt_json is None or args.pred_json is None:  # Label maps go through the jitted metric (COCO vs COCO: no JAX).
+    _one_device_per_core()
+    cli.initialise_jax()  # The persistent compilation cache: later runs skip compiling the metric.
   try:
     gt = _side(parser, args, "gt")
     pred = _side(parser, args, "pred", reference=gt.coco if args.pred_json and args.gt_json else None)

@@ -26,61 +26,68 @@ from PIL import Image
 
 from panoptic_jax.data.resampling import opencv
 from panoptic_jax.errors import UserError
-from panoptic_jax.evaluation.panoptic_quality import NO_CROWD, UNLISTED, VOID
+from panoptic_jax.evaluation.segment_stats import NO_CROWD, UNLISTED, VOID, SegmentHistogram
 
 
-def _decode_rgba(path: str) -> np.ndarray:
-  """uint8 [H, W, 4] RGBA of a PNG: OpenCV's decoder when installed (about 1.5x faster than Pillow's), else Pillow."""
+def _decode_bgr(path: str) -> np.ndarray:
+  """uint8 [H, W, 3] BGR of a PNG (C order): OpenCV's decoder when installed (about 1.5x faster than Pillow's), else
+  Pillow."""
   cv2 = opencv()
   if cv2 is not None:
     bgr = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
       raise ValueError("not a PNG OpenCV can decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGBA)
+    return bgr
   with Image.open(path) as image:
-    return np.asarray(image.convert("RGBA"))
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
 
 
-def _entries(table: np.ndarray, rgba: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _entries(table: np.ndarray, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Where each pixel's id is in `table`: (entry [H, W], the index in `table` (sorted uint32 ids R + 256 G +
   256^2 B) of the pixel's id, or len(table) for an id not listed; counts [len(table) + 1] of each entry).
 
-  Each pixel finds its entry through its id's low 16 bits (R and G, read in place as one little-endian uint16) and
-  then its B byte is compared with the entry's: far cheaper than sorting the pixels or forming the 24-bit ids. When
-  two listed ids share their low 16 bits, by binary search on the full ids instead. Entries are uint8 when the table
-  is small (the usual case), which makes every later gather and the count cheaper.
+  Each pixel finds its entry through its id's R and G bytes, read in place as one uint16 (the pixel's bytes 1 and 2,
+  G + 256 R), and the B bytes are checked afterwards with one 2-D histogram of (entry, B), which also gives the
+  counts: far cheaper than forming 24-bit ids or comparing per pixel. Only when a pixel's B differs from its
+  entry's (an unlisted id sharing a listed one's R and G) are the pixels compared one by one. When two listed ids
+  share their R and G, by binary search on the full ids instead. Entries are uint8 when the table is small (the
+  usual case), which makes the lookups and histograms cheaper.
   """
   missing = len(table)
-  low = table & 0xFFFF
-  dtype = np.uint8 if missing < 255 else np.intp
-  if len(np.unique(low)) == len(table):
-    lookup = np.full(1 << 16, missing, dtype)
-    lookup[low] = np.arange(len(table))
-    entry = np.take(lookup, rgba.view("<u2")[..., 0])  # np.take: about 2x faster than indexing here.
-    high = np.append((table >> 16).astype(np.int16), np.int16(-1))  # -1: no entry, never a B byte.
-    known = np.take(high, entry) == rgba[..., 2]
-  else:
-    ids = _ids(rgba)
-    entry = np.minimum(np.searchsorted(table, ids), missing - 1).astype(dtype)
-    known = np.take(table, entry) == ids
-  if not known.all():
-    entry = np.where(known, entry, np.asarray(missing, dtype))
-  return entry, _count(entry, missing + 1)
+  rg = ((table & 0xFF) << 8) | ((table >> 8) & 0xFF)  # G + 256 R: the uint16 at byte 1 of a BGR pixel.
+  high = (table >> 16).astype(np.int16)
+  if missing >= 255 or len(np.unique(rg)) < len(table):
+    ids = _ids(bgr)
+    entry = np.minimum(np.searchsorted(table, ids), missing - 1).astype(np.intp)
+    entry = np.where(np.take(table, entry) == ids, entry, missing)
+    return entry, np.bincount(entry.ravel(), minlength=missing + 1)
+  lookup = np.full(1 << 16, missing, np.uint8)
+  lookup[rg] = np.arange(missing)
+  h, w, _ = bgr.shape
+  entry = np.take(lookup, np.ndarray((h, w), "<u2", bgr, 1, (bgr.strides[0], 3)))
+  by_b = _histogram_2d(entry, bgr, missing + 1, 256)  # [entry, B]
+  counts = by_b[np.arange(missing), high]
+  if (by_b[:missing].sum(axis=1) != counts).any():  # Unlisted ids with a listed id's R and G.
+    entry = np.where(np.take(np.append(high, np.int16(-1)), entry) == bgr[..., 0], entry, np.uint8(missing))
+  return entry, np.append(counts, entry.size - counts.sum())
 
 
-def _count(entry: np.ndarray, n: int) -> np.ndarray:
-  """int64 [n]: how many pixels hold each entry 0..n-1; OpenCV's histogram for uint8 maps (exact below 2^24 pixels,
-  its float32 counts), else numpy's bincount (several times slower)."""
+def _histogram_2d(a: np.ndarray, b: np.ndarray, a_bins: int, b_bins: int) -> np.ndarray:
+  """int64 [a_bins, b_bins] pixel counts of the value pairs of [H, W] `a` and channel 0 of `b` ([H, W] or [H, W, C]),
+  values below the bin counts. OpenCV's histogram of uint8 maps (exact: float32 counts below 2^24 pixels) is several
+  times faster than numpy's bincount of combined indices, which serves the other cases."""
   cv2 = opencv()
-  if cv2 is not None and entry.dtype == np.uint8 and entry.size < 1 << 24:
-    return cv2.calcHist([entry], [0], None, [256], [0, 256]).ravel()[:n].astype(np.int64)
-  return np.bincount(entry.ravel(), minlength=n)
+  if cv2 is not None and a.dtype == b.dtype == np.uint8 and a.size < 1 << 24:
+    return cv2.calcHist([a, b], [0, 1], None, [a_bins, b_bins], [0, a_bins, 0, b_bins]).astype(np.int64)
+  b0 = b[..., 0] if b.ndim == 3 else b
+  combined = a.astype(np.intp) * b_bins + b0
+  return np.bincount(combined.ravel(), minlength=a_bins * b_bins).reshape(a_bins, b_bins)
 
 
-def _ids(rgba: np.ndarray) -> np.ndarray:
-  """uint32 [H, W] segment ids R + 256 G + 256^2 B of an RGBA PNG."""
-  # The four bytes R, G, B, A of a pixel read as one little-endian uint32 are R + 256 G + 256^2 B + 256^3 A.
-  return rgba.view("<u4")[..., 0] & 0xFFFFFF
+def _ids(bgr: np.ndarray) -> np.ndarray:
+  """uint32 [H, W] segment ids R + 256 G + 256^2 B of a BGR PNG."""
+  b, g, r = (bgr[..., i].astype(np.uint32) for i in range(3))
+  return r | (g << 8) | (b << 16)
 
 
 class CocoFormatError(UserError, ValueError):
@@ -96,23 +103,41 @@ class Category:
 
 @dataclasses.dataclass
 class LoadedImage:
-  """One image read from COCO panoptic format.
+  """One image read from COCO panoptic format, as a small table per segment id and each pixel's row in it.
 
   Attributes:
-    panoptic: int32 [H, W] canonical map (crowd pixels VOID; see crowd).
-    crowd: int32 [H, W] crowd map for GT (-1 none, category, or UNLISTED); None for predictions and for a GT image
-      without crowd or unlisted pixels.
+    entry: uint8 (intp for more than 254 listed ids) [H, W]: each pixel's row in `values` / `crowd_values`.
+    values: int32 [E] canonical value of each row (VOID for id 0, unlisted ids and crowd).
+    crowd_values: int32 [E] for GT: NO_CROWD, a crowd region's category, or UNLISTED per row; None for predictions
+      and for a GT image without crowd or unlisted pixels.
     scores: canonical value -> score, for segments whose JSON entry carries a 'score'.
     segments: [(canonical value or None for crowd, category index, iscrowd)] in segments_info order.
     missing_fn: category index -> number of non-crowd GT segments listed in the JSON but absent from the PNG
       (panopticapi counts them as false negatives).
   """
 
-  panoptic: np.ndarray
-  crowd: np.ndarray | None
+  entry: np.ndarray
+  values: np.ndarray
+  crowd_values: np.ndarray | None
   scores: dict
   segments: list
   missing_fn: dict
+
+  @property
+  def panoptic(self) -> np.ndarray:
+    """int32 [H, W] canonical map (crowd pixels VOID; see crowd)."""
+    return np.take(self.values, self.entry)
+
+  @property
+  def crowd(self) -> np.ndarray | None:
+    """int32 [H, W] crowd map (NO_CROWD, category, or UNLISTED), or None (see crowd_values)."""
+    return None if self.crowd_values is None else np.take(self.crowd_values, self.entry)
+
+
+def segment_histogram(gt: LoadedImage, pred: LoadedImage) -> SegmentHistogram:
+  """The joint histogram of a GT and a predicted image of the same size, counted on their entry maps."""
+  joint = _histogram_2d(gt.entry, pred.entry, len(gt.values), len(pred.values))
+  return SegmentHistogram(joint, gt.values, gt.crowd_values, pred.values)
 
 
 @dataclasses.dataclass
@@ -163,14 +188,10 @@ class CocoPanoptic:
       image_ids[key] = ann.get("image_id", key)
     return cls(json_path, folder, categories, annotations, image_ids)
 
-  def read_ids(self, key: str) -> np.ndarray:
-    """[H, W] uint32 segment ids (R + 256 G + 256^2 B) of one image's PNG."""
-    return _ids(self._read_rgba(key))
-
-  def _read_rgba(self, key: str) -> np.ndarray:
+  def _read_bgr(self, key: str) -> np.ndarray:
     path = os.path.join(self.folder, self.annotations[key]["file_name"])
     try:
-      return _decode_rgba(path)
+      return _decode_bgr(path)
     except (OSError, ValueError) as e:
       raise CocoFormatError(f"{path}: cannot read the PNG of image {self.image_ids[key]!r}: {e}") from None
 
@@ -188,7 +209,7 @@ class CocoPanoptic:
     """
     ann = self.annotations[key]
     where = f"{self.json_path}: image {self.image_ids[key]!r} ({ann['file_name']})"
-    rgba = self._read_rgba(key)
+    bgr = self._read_bgr(key)
     # A table of the listed ids and 0, in which each pixel finds its entry (`_entries`).
     parsed = []
     for seg in ann["segments_info"]:
@@ -198,7 +219,7 @@ class CocoPanoptic:
         raise CocoFormatError(f"{where}: segment {seg!r} needs 'id' and 'category_id'") from None
     # Ids of 2^24 and above cannot occur in a PNG; they stay out of the table (so count as absent).
     table = np.unique(np.array([sid for sid, _, _ in parsed if 0 <= sid < 1 << 24] + [0], np.uint32))
-    entry, counts = _entries(table, rgba)
+    entry, counts = _entries(table, bgr)
     all_known = not counts[len(table)]
     counts = counts[:len(table)]
     position = {int(t): i for i, t in enumerate(table)}
@@ -244,12 +265,11 @@ class CocoPanoptic:
       if "score" in seg:
         scores[value] = float(seg["score"])
     if not all_known and not is_gt:  # Ids in the PNG that the JSON does not list.
-      unlisted = np.unique(_ids(rgba)[entry == len(table)]).tolist()
+      unlisted = np.unique(_ids(bgr)[entry == len(table)]).tolist()
       raise CocoFormatError(f"{where}: segment ids {unlisted[:10]} are in the PNG but not in segments_info")
     # The table's last row serves the pixels whose id is not listed: VOID, and for the GT the UNLISTED crowd value.
-    panoptic = np.take(np.append(value_of, np.int32(VOID)), entry)
-    crowd = None
-    crowd_of = np.append(crowd_of, np.int32(UNLISTED))
-    if is_gt and ((crowd_of[:-1] != NO_CROWD).any() or not all_known):
-      crowd = np.take(crowd_of, entry)  # Else no pixel is crowd or unlisted: no crowd map (the metric skips one).
-    return LoadedImage(panoptic, crowd, scores, segments, missing_fn)
+    values = np.append(value_of, np.int32(VOID))
+    crowd_values = np.append(crowd_of, np.int32(UNLISTED))
+    if not is_gt or not ((crowd_of != NO_CROWD).any() or not all_known):
+      crowd_values = None  # No pixel is crowd or unlisted: no crowd map (the metric skips one).
+    return LoadedImage(entry, values, crowd_values, scores, segments, missing_fn)

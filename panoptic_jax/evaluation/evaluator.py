@@ -16,26 +16,31 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from panoptic_jax.errors import UserError
 from panoptic_jax.evaluation import instance as instance_lib
 from panoptic_jax.evaluation import semantic as semantic_lib
-from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic
-from panoptic_jax.evaluation.panoptic_quality import (NO_CROWD, VOID, PanopticQualityAccumulator, aligned_empty,
-                                                      panoptic_stats)
+from panoptic_jax.evaluation.coco_format import CocoFormatError, CocoPanoptic, LoadedImage, segment_histogram
+from panoptic_jax.evaluation.segment_stats import (NO_CROWD, VOID, PanopticQualityAccumulator, SegmentHistogram,
+                                                  batch_stats)
 
 MAX_SEGMENTS_LIMIT = 2048
 
 
 class EvaluationError(UserError, ValueError):
   """The two sides cannot be evaluated together; the message names the image, category or file."""
+
+
+def _check_same_size(name: str, gt_shape: tuple, pred_shape: tuple) -> None:
+  if gt_shape != pred_shape or len(gt_shape) != 2:
+    raise EvaluationError(f"{name}: ground truth is {gt_shape[0]}x{gt_shape[1]} but the prediction is "
+                          f"{'x'.join(map(str, pred_shape))}; they must have the same size")
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -70,11 +75,9 @@ class Evaluator:
     self.confusion = np.zeros((len(self.names), len(self.names) + 1), np.int64)
     self.ap = instance_lib.InstanceAPAccumulator(self.names)
     self.ap_missing: list[str] = []  # Images added without scores.
-    self._pending: list[tuple] = []
-    self._sharding = None
-    devices = jax.local_devices()
-    if shard and len(devices) > 1 and batch_size % len(devices) == 0:
-      self._sharding = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    self._pending: list[tuple] = []  # (name, gt, pred, crowd) for the jitted metric.
+    self._pending_histograms: list[tuple] = []  # (name, SegmentHistogram) for the host.
+    self._shard = shard
 
   def add(self, gt: np.ndarray, pred: np.ndarray, gt_crowd: np.ndarray | None = None,
           scores: Mapping[int, float] | None = None, name: str | None = None,
@@ -90,11 +93,9 @@ class Evaluator:
       in_range: the caller guarantees every value is VOID or a valid canonical value (this module's readers build
         the maps from checked tables), so the two passes over each map that check it are skipped.
     """
-    name = name if name is not None else f"image {self.pq.num_images + len(self._pending)}"
+    name = self._name(name)
     gt, pred = np.asarray(gt, np.int32), np.asarray(pred, np.int32)
-    if gt.shape != pred.shape or gt.ndim != 2:
-      raise EvaluationError(f"{name}: ground truth is {gt.shape[0]}x{gt.shape[1]} but the prediction is "
-                            f"{'x'.join(map(str, pred.shape))}; they must have the same size")
+    _check_same_size(name, gt.shape, pred.shape)
     if gt_crowd is not None and gt_crowd.shape != gt.shape:
       raise EvaluationError(f"{name}: crowd map shape {gt_crowd.shape} differs from the GT map {gt.shape}")
     if gt_crowd is not None and np.all(gt_crowd == NO_CROWD):
@@ -104,21 +105,72 @@ class Evaluator:
       if m.size and (m.min() < VOID or m.max() >= c * self.label_divisor):
         raise EvaluationError(f"{name}: the {side} holds values outside VOID and 0..{c * self.label_divisor - 1} "
                               f"({c} categories x label_divisor {self.label_divisor})")
-    if extra_fn:
-      for k, n in extra_fn.items():
-        self.pq.fn[k] += n
+    self._add_extra_fn(extra_fn)
     if scores is None:
       self.ap_missing.append(name)
     elif not self.ap_missing:
-      self.ap.add_image(instance_lib.thing_instances(gt, gt_crowd, pred, scores, self.is_thing, self.label_divisor))
+      self.ap.add_image(instance_lib.thing_instances(SegmentHistogram.of_maps(gt, gt_crowd, pred), scores,
+                                                     self.is_thing, self.label_divisor))
     self._pending.append((name, gt, pred, gt_crowd))
     if len(self._pending) == self.batch_size:
       self.flush()
 
+  def add_histogram(self, histogram: SegmentHistogram, scores: Mapping[int, float] | None = None,
+                    name: str | None = None, extra_fn: Mapping[int, int] | None = None) -> None:
+    """Adds one image given as its segment histogram (`add`'s statistics, reduced on the host in numpy).
+
+    Args:
+      histogram: canonical values in this evaluator's categories and label divisor (not checked).
+      scores, name, extra_fn: as for `add`.
+    """
+    name = self._name(name)
+    self._add_extra_fn(extra_fn)
+    if scores is None:
+      self.ap_missing.append(name)
+    elif not self.ap_missing:
+      self.ap.add_image(instance_lib.thing_instances(histogram, scores, self.is_thing, self.label_divisor))
+    self._pending_histograms.append((name, histogram))
+    if len(self._pending_histograms) == self.batch_size:
+      self._flush_histograms()
+
+  def _name(self, name: str | None) -> str:
+    pending = len(self._pending) + len(self._pending_histograms)
+    return name if name is not None else f"image {self.pq.num_images + pending}"
+
+  def _add_extra_fn(self, extra_fn: Mapping[int, int] | None) -> None:
+    for k, n in (extra_fn or {}).items():
+      self.pq.fn[k] += n
+
+  def _flush_histograms(self) -> None:
+    items, self._pending_histograms = self._pending_histograms, []
+    stats = batch_stats([h for _, h in items], num_categories=len(self.names), label_divisor=self.label_divisor)
+    self.pq.update(stats, [n for n, _ in items])
+    self.confusion += stats["confusion"].sum(axis=0)
+
   def flush(self) -> None:
     """Runs the pending images."""
-    if not self._pending:
-      return
+    if self._pending_histograms:
+      self._flush_histograms()
+    if self._pending:
+      self._flush_maps()
+
+  @functools.cached_property
+  def _sharding(self):
+    """The maps' batches split over the local devices, or None (one device, or a batch that does not divide)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.local_devices()
+    if self._shard and len(devices) > 1 and self.batch_size % len(devices) == 0:
+      return NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    return None
+
+  def _flush_maps(self) -> None:
+    # JAX only here: images given as histograms (COCO files) are evaluated without it, a second less of start-up.
+    import jax
+
+    from panoptic_jax.evaluation.panoptic_quality import aligned_empty, panoptic_stats
+
     items, self._pending = self._pending, []
     h = _round_up(max(i[1].shape[0] for i in items), self.pad_multiple)
     w = _round_up(max(i[1].shape[1] for i in items), self.pad_multiple)
@@ -313,7 +365,8 @@ def _category_mapping(gt: Side, pred: Side) -> np.ndarray:
 
 
 def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray | None):
-  """One image of a side as (panoptic in GT indexing and divisor, crowd, scores or None, extra_fn)."""
+  """One image of a side in GT indexing and divisor: (COCO: a LoadedImage, else (panoptic, None)), scores or None,
+  extra_fn."""
   if side.coco is not None:
     if is_gt or mapping is None:
       index = {cid: k for k, cid in enumerate(side.category_ids)}
@@ -329,7 +382,7 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
     scores = loaded.scores
     thing_values = [v for v, k, crowd in loaded.segments if v is not None and gt_side.is_thing[k]]
     has_scores = bool(loaded.scores) and all(v in loaded.scores for v in thing_values)
-    return loaded.panoptic, loaded.crowd, (scores if has_scores else None), loaded.missing_fn
+    return loaded, (scores if has_scores else None), loaded.missing_fn
   dataset = side.dataset
   panoptic = dataset.read_panoptic(side.positions[key])
   scores = None if is_gt else _dataset_scores(side, key, panoptic)
@@ -348,7 +401,7 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
     if scores is not None:  # Every listed category is in the map, hence (checked above) a GT category.
       scores = {int(mapping[v // side.label_divisor]) * gt_side.label_divisor + v % side.label_divisor: score
                 for v, score in scores.items()}
-  return panoptic, None, scores, {}
+  return (panoptic, None), scores, {}
 
 
 def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int = 128, num_workers: int = 4,
@@ -360,14 +413,24 @@ def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int
                         max_segments=max_segments)
 
   def load_pair(pair):
+    """(GT key, a SegmentHistogram (COCO vs COCO: counted in this thread) or (GT, predicted, crowd) maps, scores,
+    extra_fn)."""
     g_key, p_key = pair
-    g = _load(gt, g_key, True, gt, None)
-    p = _load(pred, p_key, False, gt, mapping)
-    return g_key, g, p
+    g, _, extra_fn = _load(gt, g_key, True, gt, None)
+    p, scores, _ = _load(pred, p_key, False, gt, mapping)
+    g_map, p_map = (x.entry if isinstance(x, LoadedImage) else x[0] for x in (g, p))
+    _check_same_size(g_key, g_map.shape, p_map.shape)
+    if isinstance(g, LoadedImage) and isinstance(p, LoadedImage):
+      return g_key, segment_histogram(g, p), scores, extra_fn
+    maps = tuple(x.panoptic if isinstance(x, LoadedImage) else x[0] for x in (g, p))
+    return g_key, (*maps, g.crowd if isinstance(g, LoadedImage) else None), scores, extra_fn
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    for i, (key, g, p) in enumerate(pool.map(load_pair, pairs)):
-      evaluator.add(g[0], p[0], g[1], scores=p[2], name=key, extra_fn=g[3], in_range=True)
+    for i, (key, image, scores, extra_fn) in enumerate(pool.map(load_pair, pairs)):
+      if isinstance(image, SegmentHistogram):
+        evaluator.add_histogram(image, scores=scores, name=key, extra_fn=extra_fn)
+      else:
+        evaluator.add(*image, scores=scores, name=key, extra_fn=extra_fn, in_range=True)
       if progress and (i + 1) % 100 == 0:
         logging.info("evaluated %d / %d images", i + 1, len(pairs))
   out = evaluator.result()

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from panoptic_jax.evaluation.segment_stats import NO_CROWD, SegmentHistogram
+
 IOU_THRESHOLDS = np.linspace(.5, 0.95, int(np.round((0.95 - .5) / .05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(.0, 1.00, int(np.round((1.00 - .0) / .01)) + 1, endpoint=True)
 MAX_DETS = (1, 10, 100)
@@ -25,45 +27,43 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 __all__ = ["InstanceAPAccumulator", "thing_instances", "STAT_NAMES"]
 
 
-def thing_instances(gt: np.ndarray, gt_crowd: np.ndarray | None, pred: np.ndarray, scores: Mapping[int, float],
-                    is_thing: np.ndarray, label_divisor: int) -> dict:
+def thing_instances(histogram: SegmentHistogram, scores: Mapping[int, float], is_thing: np.ndarray,
+                    label_divisor: int) -> dict:
   """Instances of one image, with their pairwise mask IoUs.
 
   Args:
-    gt: int [H, W] canonical GT map.
-    gt_crowd: int [H, W] crowd map (-1 none, c >= 0 crowd of category c, -2 unlisted) or None.
-    pred: int [H, W] canonical predicted map.
+    histogram: the image's segments and their overlaps (`SegmentHistogram`, e.g. `SegmentHistogram.of_maps`).
     scores: predicted canonical value -> score; every predicted thing segment needs one.
     is_thing: bool [C].
-    label_divisor: of both maps.
+    label_divisor: of both sides' canonical values.
 
   Returns:
     {"gt_category", "gt_area", "gt_crowd": [G], "dt_category", "dt_area", "dt_score": [D], "iou": [D, G] float64}
     (IoU with a crowd GT = intersection / detection area).
   """
   is_thing = np.asarray(is_thing, bool)
-  gt = np.asarray(gt).ravel()
-  pred = np.asarray(pred).ravel()
-  gt_key = np.where(gt >= 0, gt, -1).astype(np.int64)
-  gt_key = np.where((gt_key >= 0) & is_thing[np.maximum(gt_key, 0) // label_divisor], gt_key, -1)
-  if gt_crowd is not None:
-    crowd = np.asarray(gt_crowd).ravel().astype(np.int64)
-    crowd_key = np.where((crowd >= 0) & is_thing[np.maximum(crowd, 0)], len(is_thing) * label_divisor + crowd, -1)
-    gt_key = np.where(crowd == -1, gt_key, crowd_key)
-  dt_key = np.where(pred >= 0, pred, -1).astype(np.int64)
-  dt_key = np.where((dt_key >= 0) & is_thing[np.maximum(dt_key, 0) // label_divisor], dt_key, -1)
+  num_seg = len(is_thing) * label_divisor
 
-  gt_values, gt_index = np.unique(gt_key, return_inverse=True)
-  dt_values, dt_index = np.unique(dt_key, return_inverse=True)
-  ng, nd = len(gt_values), len(dt_values)
-  joint = np.bincount(gt_index * nd + dt_index, minlength=ng * nd).reshape(ng, nd)
-  g_keep = gt_values >= 0
-  d_keep = dt_values >= 0
+  def thing_key(values):  # Thing segment values, else -1.
+    values = np.asarray(values, np.int64)
+    return np.where((values >= 0) & is_thing[np.clip(values, 0, num_seg - 1) // label_divisor], values, -1)
+
+  gt_values = thing_key(histogram.gt_values)
+  if histogram.gt_crowd is not None:
+    crowd = np.asarray(histogram.gt_crowd, np.int64)
+    crowd_key = np.where((crowd >= 0) & is_thing[np.maximum(crowd, 0)], num_seg + crowd, -1)
+    gt_values = np.where(crowd == NO_CROWD, gt_values, crowd_key)
+  dt_values = thing_key(histogram.pred_values)
+  # The instances in increasing value (crowd regions last): the order ties are broken in.
+  g_keep = np.flatnonzero(gt_values >= 0)
+  g_keep = g_keep[np.argsort(gt_values[g_keep], kind="stable")]
+  d_keep = np.flatnonzero(dt_values >= 0)
+  d_keep = d_keep[np.argsort(dt_values[d_keep], kind="stable")]
+  joint = histogram.joint
   gt_area = joint.sum(axis=1)[g_keep]
   dt_area = joint.sum(axis=0)[d_keep]
   inter = joint[g_keep][:, d_keep].T  # [D, G]
   gt_values, dt_values = gt_values[g_keep], dt_values[d_keep]
-  num_seg = len(is_thing) * label_divisor
   is_crowd = gt_values >= num_seg
   gt_category = np.where(is_crowd, gt_values - num_seg, gt_values // label_divisor)
   missing = [int(v) for v in dt_values if int(v) not in scores]

@@ -45,22 +45,19 @@ costs more than the statistics, so build host batches with `aligned_full`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-VOID = -1
-UNLISTED = -2
-NO_CROWD = -1
+from panoptic_jax.evaluation.segment_stats import gt_keys, histogram_stats, pred_keys
 
-__all__ = ["VOID", "UNLISTED", "NO_CROWD", "aligned_full", "panoptic_stats", "PanopticQualityAccumulator",
-           "pq_from_counts", "SegmentOverflowError", "MixedBlockOverflowError"]
+
+__all__ = ["aligned_empty", "aligned_full", "panoptic_stats"]
 
 
 # Byte alignment at which jax.device_put on CPU aliases a numpy array instead of copying it.
@@ -93,14 +90,6 @@ def aligned_full(shape: Sequence[int], fill_value: int, dtype: np.dtype = np.int
   out = aligned_empty(shape, dtype)
   out.fill(fill_value)
   return out
-
-
-class SegmentOverflowError(ValueError):
-  """An image has more segments than the static `max_segments` of the jitted metric."""
-
-
-class MixedBlockOverflowError(ValueError):
-  """An image has more mixed tiles or rows than the static `mixed_fraction` of the jitted metric allows."""
 
 
 def _exclusive_cumsum(x: jnp.ndarray, width: int = 32) -> jnp.ndarray:
@@ -309,19 +298,9 @@ def _joint_histogram(parts: Sequence[tuple[jnp.ndarray, jnp.ndarray, int]], gt_s
 def _image_histogram(gt: jnp.ndarray, pred: jnp.ndarray, crowd: jnp.ndarray | None, *, num_categories: int,
                      key_divisor: int, max_segments: int, mixed_fraction: float):
   """`_joint_histogram` of one image's [H, W] maps, plus its mixed tiles and rows [2] and their capacities [2]."""
-  c, div = num_categories, key_divisor
   h, w = gt.shape
-  seg_range = c * div
-  # GT keys: segments [0, C*div), crowd of category k: C*div + k, UNLISTED: C*div + C, VOID: C*div + C + 1.
-  gt_void_key, gt_unlisted_key = seg_range + c + 1, seg_range + c
-  gt_key = jnp.where(gt >= 0, jnp.minimum(gt, seg_range - 1), gt_void_key)
-  if crowd is not None:
-    gt_key = jnp.where(crowd >= 0, seg_range + jnp.minimum(crowd, c - 1),
-                       jnp.where(crowd == NO_CROWD, gt_key, gt_unlisted_key))
-  # Predicted keys: segments [0, C*div), VOID: C*div.
-  pred_void_key = seg_range
-  pred_key = jnp.where(pred >= 0, jnp.minimum(pred, seg_range - 1), pred_void_key)
-  gt_size, pred_size = gt_void_key + 1, pred_void_key + 1  # The sizes are the pad keys.
+  gt_key, gt_size = gt_keys(jnp, gt, crowd, num_categories, key_divisor)
+  pred_key, pred_size = pred_keys(jnp, pred, num_categories, key_divisor)
 
   if mixed_fraction >= 1:  # Pixel by pixel: nothing can overflow.
     parts = [(gt_key.ravel(), pred_key.ravel(), 1)]
@@ -400,170 +379,11 @@ def _panoptic_stats(gt, pred, gt_crowd, *, num_categories, label_divisor, max_se
 def _stats(gt, pred, crowd, *, num_categories: int, key_divisor: int, max_segments: int, with_confusion: bool,
            mixed_fraction: float):
   """panoptic_stats on [B, H, W] maps encoded `category * key_divisor + instance`."""
-  c, div, s = num_categories, key_divisor, max_segments
-  seg_range = c * div
-  gt_void_key = seg_range + c + 1
   # One image at a time: its temporaries stay in cache, and the scatters need no image offsets.
-  histogram = functools.partial(_image_histogram, num_categories=c, key_divisor=div, max_segments=s,
-                                mixed_fraction=mixed_fraction)
-  joint, gt_keys, pred_keys, num_gt, num_pred, mixed, capacity = jax.lax.map(lambda m: histogram(*m),
-                                                                             (gt, pred, crowd))
-
-  # Slot attributes [B, S].
-  g_is_seg = gt_keys < seg_range
-  g_is_crowd = (gt_keys >= seg_range) & (gt_keys < seg_range + c)
-  g_is_void = gt_keys == gt_void_key
-  g_cat = jnp.where(g_is_seg, gt_keys // div, jnp.where(g_is_crowd, gt_keys - seg_range, -1))
-  p_is_seg = pred_keys < seg_range
-  p_cat = jnp.where(p_is_seg, pred_keys // div, -1)
-
-  gt_area = joint.sum(axis=2)  # [B, S]
-  pred_area = joint.sum(axis=1)  # [B, S]
-  pred_void = jnp.sum(jnp.where(g_is_void[:, :, None], joint, 0), axis=1)  # |pred n GT VOID|
-  same_cat = (g_cat[:, :, None] == p_cat[:, None, :]) & (p_cat[:, None, :] >= 0)
-  pred_crowd = jnp.sum(jnp.where(same_cat & g_is_crowd[:, :, None], joint, 0), axis=1)  # |pred n crowd of its cat|
-
-  union = pred_area[:, None, :] + gt_area[:, :, None] - joint - pred_void[:, None, :]
-  match = same_cat & g_is_seg[:, :, None] & p_is_seg[:, None, :] & (2 * joint > union)
-  gt_matched = match.any(axis=2)
-  pred_matched = match.any(axis=1)
-
-  def per_category(flags, cats):  # [B, S] -> [B, C] counts of the flagged slots by category.
-    index = jnp.where(flags, cats, c) + (c + 1) * jnp.arange(flags.shape[0])[:, None]
-    return jnp.zeros(flags.shape[0] * (c + 1), jnp.int32).at[index.ravel()].add(1).reshape(-1, c + 1)[:, :c]
-
-  tp = per_category(gt_matched, g_cat)
-  fn = per_category(g_is_seg & ~gt_matched, g_cat)
-  forgiven = 2 * (pred_void + pred_crowd) > pred_area
-  fp = per_category(p_is_seg & ~pred_matched & ~forgiven, p_cat)
-
-  out = {
-      "tp": tp, "fp": fp, "fn": fn,
-      "match_category": jnp.where(gt_matched, g_cat, -1),
-      "match_intersection": jnp.sum(jnp.where(match, joint, 0), axis=2),
-      "match_union": jnp.sum(jnp.where(match, union, 0), axis=2),
-      "num_gt_slots": num_gt, "num_pred_slots": num_pred,
-      "num_mixed_blocks": mixed, "max_mixed_blocks": capacity,
-  }
-  if with_confusion:
-    g_sem = jnp.where(g_is_seg | g_is_crowd, g_cat, c)  # Row C: excluded (VOID, UNLISTED, padding).
-    p_sem = jnp.where(p_is_seg, p_cat, c)  # Column C: predicted VOID (padding slots have empty joint columns).
-    image = jnp.arange(joint.shape[0])[:, None, None]
-    index = (image * (c + 1) + g_sem[:, :, None]) * (c + 1) + p_sem[:, None, :]
-    conf = jnp.zeros(joint.shape[0] * (c + 1) ** 2, jnp.int32).at[index.ravel()].add(joint.ravel())
-    out["confusion"] = conf.reshape(-1, c + 1, c + 1)[:, :c]
-  return out
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Host side: exact float64 reduction.
-
-
-def pq_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, iou_sum: np.ndarray, is_thing: Sequence[bool],
-                   names: Sequence[str]) -> dict:
-  """panopticapi's `PQStat.pq_average` for All / Things / Stuff plus per-category values.
-
-  Categories with tp + fp + fn == 0 are left out of the means (and reported with `counted: False`). A group with no
-  counted category reports `n = 0` and None for pq, sq, rq.
-  """
-  tp, fp, fn = (np.asarray(a, np.int64) for a in (tp, fp, fn))
-  iou_sum = np.asarray(iou_sum, np.float64)
-  per_category = {}
-  for k, name in enumerate(names):
-    t, f_p, f_n, iou = int(tp[k]), int(fp[k]), int(fn[k]), float(iou_sum[k])
-    entry = {"index": k, "isthing": bool(is_thing[k]), "tp": t, "fp": f_p, "fn": f_n, "iou_sum": iou}
-    if t + f_p + f_n == 0:
-      entry.update(pq=None, sq=None, rq=None, counted=False)
-    else:
-      denominator = t + 0.5 * f_p + 0.5 * f_n
-      entry.update(pq=iou / denominator, sq=iou / t if t else 0.0, rq=t / denominator, counted=True)
-    per_category[name] = entry
-  groups = {}
-  for group, want in (("All", None), ("Things", True), ("Stuff", False)):
-    pq = sq = rq = 0.0
-    n = 0
-    for entry in per_category.values():
-      if (want is not None and entry["isthing"] != want) or not entry["counted"]:
-        continue
-      n += 1
-      pq += entry["pq"]
-      sq += entry["sq"]
-      rq += entry["rq"]
-    groups[group] = ({"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n} if n else
-                     {"pq": None, "sq": None, "rq": None, "n": 0})
-  return {**groups, "per_category": per_category}
-
-
-@dataclasses.dataclass
-class PanopticQualityAccumulator:
-  """Sums `panoptic_stats` outputs on the host; IoUs of matched pairs are divided and summed in float64.
-
-  Feed it the (device-to-host gathered) outputs of each batch with `update`; `result()` gives panopticapi's numbers.
-  """
-
-  names: Sequence[str]
-  is_thing: Sequence[bool]
-  max_segments: int | None = None
-
-  def __post_init__(self):
-    c = len(self.names)
-    self.tp = np.zeros(c, np.int64)
-    self.fp = np.zeros(c, np.int64)
-    self.fn = np.zeros(c, np.int64)
-    self.iou_sum = np.zeros(c, np.float64)
-    self.num_images = 0
-
-  def update(self, stats: Mapping[str, np.ndarray], image_names: Sequence[str] | None = None,
-             valid: np.ndarray | None = None) -> None:
-    """Adds one batch.
-
-    Args:
-      stats: `panoptic_stats` output (device or numpy arrays).
-      image_names: for error messages.
-      valid: optional bool [B]; padding images (False) must have been given all-VOID maps (they add nothing) and
-        are only left out of the image count.
-
-    Raises:
-      SegmentOverflowError: an image had more segments than max_segments.
-      MixedBlockOverflowError: an image had more mixed tiles or rows than the compiled mixed_fraction allows.
-    """
-    stats = {k: np.asarray(v) for k, v in stats.items()}
-    s = stats["match_category"].shape[1]
-    mixed = np.flatnonzero(np.any(stats["num_mixed_blocks"] > stats["max_mixed_blocks"], axis=1))
-    if mixed.size:
-      i = int(mixed[0])
-      who = image_names[i] if image_names is not None else f"batch element {i}"
-      (tiles, rows), (max_tiles, max_rows) = stats["num_mixed_blocks"][i], stats["max_mixed_blocks"][i]
-      raise MixedBlockOverflowError(
-          f"{who}: {tiles} tiles of 8x8 pixels and {rows} rows of 8 pixels hold more than one (GT, predicted) value "
-          f"pair; the metric was compiled for {max_tiles} and {max_rows}: raise mixed_fraction")
-    for side in ("gt", "pred"):
-      counts = stats[f"num_{side}_slots"]
-      bad = np.flatnonzero(counts > s)
-      if bad.size:
-        i = int(bad[0])
-        who = image_names[i] if image_names is not None else f"batch element {i}"
-        raise SegmentOverflowError(
-            f"{who}: the {'ground truth' if side == 'gt' else 'prediction'} has {int(counts[i])} segments "
-            f"(GT slots include crowd regions, VOID and unlisted pixels); the metric was compiled for "
-            f"max_segments={s}: raise max_segments")
-    self.tp += stats["tp"].sum(axis=0)
-    self.fp += stats["fp"].sum(axis=0)
-    self.fn += stats["fn"].sum(axis=0)
-    cats = stats["match_category"].ravel()
-    matched = cats >= 0
-    iou = stats["match_intersection"].ravel()[matched].astype(np.float64) / stats["match_union"].ravel()[matched]
-    np.add.at(self.iou_sum, cats[matched], iou)
-    self.num_images += int(np.sum(valid)) if valid is not None else stats["match_category"].shape[0]
-
-  def merge(self, other: "PanopticQualityAccumulator") -> None:
-    self.tp += other.tp
-    self.fp += other.fp
-    self.fn += other.fn
-    self.iou_sum += other.iou_sum
-    self.num_images += other.num_images
-
-  def result(self) -> dict:
-    out = pq_from_counts(self.tp, self.fp, self.fn, self.iou_sum, self.is_thing, self.names)
-    out["num_images"] = self.num_images
-    return out
+  histogram = functools.partial(_image_histogram, num_categories=num_categories, key_divisor=key_divisor,
+                                max_segments=max_segments, mixed_fraction=mixed_fraction)
+  joint, gt_key, pred_key, num_gt, num_pred, mixed, capacity = jax.lax.map(lambda m: histogram(*m), (gt, pred, crowd))
+  out = histogram_stats(jnp, joint, gt_key, pred_key, num_categories=num_categories, key_divisor=key_divisor,
+                        with_confusion=with_confusion)
+  return {**out, "num_gt_slots": num_gt, "num_pred_slots": num_pred, "num_mixed_blocks": mixed,
+          "max_mixed_blocks": capacity}

@@ -1,4 +1,4 @@
-"""Semantic segmentation: a jitted confusion matrix and mIoU on the host, in both common conventions.
+"""Semantic segmentation on the host: a confusion matrix of category maps and mIoU, in both common conventions.
 
 Confusion matrix [C, C + 1]: rows = GT category (ignored pixels excluded), columns = predicted category, column C =
 predicted VOID / ignore (a miss for the GT class, never a class of its own). Per-class IoU = tp / (tp + fp + fn).
@@ -12,11 +12,8 @@ the headline ("mIoU").
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 HEADLINE_CONVENTION = "classes_with_gt"
@@ -24,35 +21,36 @@ HEADLINE_CONVENTION = "classes_with_gt"
 __all__ = ["confusion_matrix", "semantic_from_panoptic", "miou_from_confusion", "HEADLINE_CONVENTION"]
 
 
-def semantic_from_panoptic(panoptic: jnp.ndarray, label_divisor: int, crowd: jnp.ndarray | None = None) -> jnp.ndarray:
+def semantic_from_panoptic(panoptic: np.ndarray, label_divisor: int, crowd: np.ndarray | None = None) -> np.ndarray:
   """Canonical panoptic map -> category map with -1 for VOID; crowd regions (crowd map >= 0) take their category and
   UNLISTED crowd-map pixels (-2) become -1."""
-  semantic = jnp.where(panoptic >= 0, panoptic // label_divisor, -1)
+  panoptic = np.asarray(panoptic)
+  semantic = np.where(panoptic >= 0, panoptic // label_divisor, -1)
   if crowd is not None:
-    semantic = jnp.where(crowd >= 0, crowd, jnp.where(crowd == -1, semantic, -1))
+    semantic = np.where(crowd >= 0, crowd, np.where(crowd == -1, semantic, -1))
   return semantic
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def confusion_matrix(gt: jnp.ndarray, pred: jnp.ndarray, *, num_classes: int) -> jnp.ndarray:
-  """Confusion matrix of a batch of category maps, summed over the batch.
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, *, num_classes: int) -> np.ndarray:
+  """Confusion matrix of category maps (any shape, e.g. [B, H, W]), summed over all pixels.
+
+  The evaluator counts its own from segment histograms (`segment_stats.histogram_stats`); this one counts pixels
+  directly, for an independent check.
 
   Args:
-    gt: int [B, H, W] GT categories 0..C-1; anything else (e.g. -1) is ignored.
-    pred: int [B, H, W] predicted categories 0..C-1; anything else counts as predicted VOID (column C).
+    gt: int GT categories 0..C-1; anything else (e.g. -1) is ignored.
+    pred: int predicted categories 0..C-1, same shape; anything else counts as predicted VOID (column C).
     num_classes: C.
 
   Returns:
-    int32 [C, C + 1].
+    int64 [C, C + 1].
   """
   c = num_classes
-  gt = jnp.asarray(gt, jnp.int32).ravel()
-  pred = jnp.asarray(pred, jnp.int32).ravel()
+  gt = np.asarray(gt, np.int64).ravel()
+  pred = np.asarray(pred, np.int64).ravel()
   valid = (gt >= 0) & (gt < c)
-  pred = jnp.where((pred >= 0) & (pred < c), pred, c)
-  index = jnp.where(valid, gt * (c + 1) + pred, c * (c + 1))  # Ignored pixels: one extra, dropped bin.
-  hist = jnp.zeros(c * (c + 1) + 1, jnp.int32).at[index].add(1, mode="promise_in_bounds")
-  return hist[:-1].reshape(c, c + 1)
+  pred = np.where((pred >= 0) & (pred < c), pred, c)
+  return np.bincount(gt[valid] * (c + 1) + pred[valid], minlength=c * (c + 1)).reshape(c, c + 1)
 
 
 def miou_from_confusion(confusion: np.ndarray, names: Sequence[str] | None = None) -> dict:

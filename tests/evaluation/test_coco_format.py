@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from panoptic_jax.evaluation.coco_format import CocoPanoptic
-from panoptic_jax.evaluation.panoptic_quality import NO_CROWD, UNLISTED, VOID
+from panoptic_jax.evaluation.segment_stats import NO_CROWD, UNLISTED, VOID
 
 
 def _write(tmp_path, ids: np.ndarray, segments: list[dict]) -> CocoPanoptic:
@@ -47,3 +47,14 @@ def test_the_fast_lookup_gives_the_same_maps_as_binary_search(tmp_path):
     value[int(i)] = category * 1000 + counters[category]
     counters[category] += 1
   np.testing.assert_array_equal(loaded.panoptic, np.vectorize(value.get)(ids))
+
+
+def test_an_unlisted_id_sharing_a_listed_ids_red_and_green_is_unlisted(tmp_path):
+  """Pixels find their segment by R and G; the B byte decides between a listed id and an unlisted one."""
+  ids = np.zeros((6, 8), np.int64)
+  ids[:, :4] = 9
+  ids[:2, 4:] = 5 * 65536 + 9  # R and G of id 9, another B: not listed.
+  segments = [{"id": 9, "category_id": 1}]
+  gt = _write(tmp_path, ids, segments).load("a", {1: 0, 2: 1}, 1000, is_gt=True)
+  np.testing.assert_array_equal(gt.panoptic, np.where(ids == 9, 0, VOID))
+  np.testing.assert_array_equal(gt.crowd, np.where(ids == 5 * 65536 + 9, UNLISTED, NO_CROWD))

@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +53,18 @@ def test_coco_vs_coco_writes_json(fixtures, tmp_path, capsys):
   expected = json.loads((root / "expected_results.json").read_text())["cases"]["panopticapi_sample_pred_edits"]
   assert result["panoptic"]["All"]["pq"] == pytest.approx(expected["panopticapi"]["All"]["pq"], abs=1e-9)
   assert result["semantic"]["convention"] == "classes_with_gt"
+
+
+def test_coco_vs_coco_runs_without_jax(fixtures, tmp_path):
+  """COCO files are counted on the host: the command does not pay JAX's start-up (about a second)."""
+  root = fixtures / SAMPLE
+  args = _coco_args(root, "gt", "panoptic_examples") + _coco_args(root / "derived_predictions", "pred", "pred_edits")
+  program = ("import sys\nfrom panoptic_jax import evaluate\n"
+             f"assert evaluate.main({args!r}) == 0\nassert 'jax' not in sys.modules, 'JAX was imported'\n")
+  done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120,
+                        cwd=pathlib.Path(__file__).parents[2])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "PQ" in done.stdout
 
 
 def test_dataset_and_coco_sides_mix(fixtures, tmp_path):

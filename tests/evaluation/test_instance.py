@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from panoptic_jax.evaluation import coco_format, instance
+from panoptic_jax.evaluation.segment_stats import SegmentHistogram
 
 from . import coco_cases
 
@@ -59,7 +60,7 @@ def _pycocotools_ap(images, is_thing):
 def _ours(images, is_thing):
   acc = instance.InstanceAPAccumulator()
   for gt, crowd, pred, scores in images:
-    acc.add_image(instance.thing_instances(gt, crowd, pred, scores, is_thing, 1000))
+    acc.add_image(instance.thing_instances(SegmentHistogram.of_maps(gt, crowd, pred), scores, is_thing, 1000))
   return np.array([acc.result()[k] for k in instance.STAT_NAMES])
 
 
@@ -129,7 +130,8 @@ def test_ap_fixture_with_scores_one(fixtures, case, folder, gt, pred):
     g = gt_side.load(key, index, 1000, True)
     p = pred_side.load(key, index, 1000, False)
     scores = {int(v): 1.0 for v in np.unique(p.panoptic[p.panoptic >= 0])}
-    acc.add_image(instance.thing_instances(g.panoptic, g.crowd, p.panoptic, scores, is_thing, 1000))
+    histogram = SegmentHistogram.of_maps(g.panoptic, g.crowd, p.panoptic)
+    acc.add_image(instance.thing_instances(histogram, scores, is_thing, 1000))
   ours = acc.result()
   for name, value in expected["mask_AP_things_pycocotools_segm_score1"].items():
     assert ours[name] == pytest.approx(value, abs=1e-12), name

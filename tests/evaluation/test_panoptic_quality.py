@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from panoptic_jax.evaluation import evaluator as evaluator_lib
-from panoptic_jax.evaluation.panoptic_quality import (HOST_ALIGNMENT, NO_CROWD, UNLISTED, MixedBlockOverflowError,
-                                                      PanopticQualityAccumulator, SegmentOverflowError, aligned_full,
-                                                      panoptic_stats)
+from panoptic_jax.evaluation.panoptic_quality import HOST_ALIGNMENT, aligned_full, panoptic_stats
+from panoptic_jax.evaluation.segment_stats import (NO_CROWD, UNLISTED, MixedBlockOverflowError,
+                                                  PanopticQualityAccumulator, SegmentOverflowError)
 
 from . import coco_cases
 
@@ -135,6 +135,7 @@ def test_random_pairs_match_hotcoco(tmp_path):
     assert (ours["tp"], ours["fp"], ours["fn"]) == (ref["tp"], ref["fp"], ref["fn"]), c["name"]
     assert ours["iou_sum"] == pytest.approx(ref["iou"], abs=1e-9)
   assert result["instance"]["computed"]  # Random predictions carry scores.
+  _assert_same_as_the_maps_path(gt, pred, result)
 
   # Per image as well (a few): catches compensating errors.
   for i in range(0, 240, 40):
@@ -147,6 +148,25 @@ def test_random_pairs_match_hotcoco(tmp_path):
     for c in coco_cases.CATEGORIES:
       r, o = _hotcoco_per_class(ref, c["id"]), ours["per_category"][c["name"]]
       assert (o["tp"], o["fp"], o["fn"]) == (r["tp"], r["fp"], r["fn"]), (i, c["name"])
+
+
+def _assert_same_as_the_maps_path(gt, pred, result):
+  """COCO files are counted through segment histograms on the host; the same images given to the Evaluator as
+  label maps (the jitted metric, as in a training run's evaluation) give the same PQ, mIoU and AP."""
+  index = {cid: k for k, cid in enumerate(gt.category_ids)}
+  evaluator = evaluator_lib.Evaluator(gt.categories, gt.is_thing, gt.label_divisor)
+  for key in gt.names:
+    g = gt.coco.load(key, index, gt.label_divisor, is_gt=True)
+    p = pred.coco.load(key, index, gt.label_divisor, is_gt=False)
+    evaluator.add(g.panoptic, p.panoptic, g.crowd, scores=p.scores, name=key, extra_fn=g.missing_fn)
+  maps = evaluator.result()
+  for name, ours in result["panoptic"]["per_category"].items():
+    theirs = maps["panoptic"]["per_category"][name]
+    assert {k: v for k, v in ours.items() if k not in ("iou_sum", "pq", "sq", "rq")} == {
+        k: v for k, v in theirs.items() if k not in ("iou_sum", "pq", "sq", "rq")}, name
+    assert ours["iou_sum"] == pytest.approx(theirs["iou_sum"], abs=1e-12), name
+  assert result["semantic"] == maps["semantic"]
+  assert result["instance"] == maps["instance"]
 
 
 def _stats(gt, pred, crowd=None, c=3, div=100, s=16):
