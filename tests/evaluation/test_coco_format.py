@@ -4,8 +4,10 @@ share them; both give the same maps."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from panoptic_jax.evaluation import coco_format
 from panoptic_jax.evaluation.coco_format import CocoPanoptic
 from panoptic_jax.evaluation.segment_stats import NO_CROWD, UNLISTED, VOID
 
@@ -32,6 +34,24 @@ def test_ids_sharing_their_low_16_bits_and_unlisted_ids_read_exactly(tmp_path):
   expected = np.select([ids == 7, ids == 7 + 65536, ids == 11], [0, 1, 1000], VOID)
   np.testing.assert_array_equal(loaded.panoptic, expected)
   np.testing.assert_array_equal(loaded.crowd, np.where(ids == 3 * 65536 + 9, UNLISTED, NO_CROWD))
+
+
+@pytest.mark.parametrize("decoder", ["libspng", "opencv", "pillow"])
+def test_every_png_decoder_gives_the_same_maps(tmp_path, monkeypatch, decoder):
+  """pyspng when installed, else OpenCV, else Pillow: the same pixels, and a file that is no PNG is named."""
+  if decoder != "libspng":
+    monkeypatch.setattr(coco_format, "_pyspng", lambda: None)
+  if decoder == "pillow":
+    monkeypatch.setattr(coco_format, "opencv", lambda: None)
+  ids = np.zeros((6, 8), np.int64)
+  ids[:, 2:] = 7 + 65536 * 3
+  ids[3:, 5:] = 11
+  side = _write(tmp_path, ids, [{"id": 7 + 65536 * 3, "category_id": 1}, {"id": 11, "category_id": 2}])
+  loaded = side.load("a", {1: 0, 2: 1}, 1000, is_gt=True)
+  np.testing.assert_array_equal(loaded.panoptic, np.select([ids == 7 + 65536 * 3, ids == 11], [0, 1000], VOID))
+  (tmp_path / "png" / "a.png").write_bytes(b"not a png")
+  with pytest.raises(coco_format.CocoFormatError, match=r"a\.png: cannot read the PNG of image 1"):
+    side.load("a", {1: 0, 2: 1}, 1000, is_gt=True)
 
 
 def test_the_fast_lookup_gives_the_same_maps_as_binary_search(tmp_path):
