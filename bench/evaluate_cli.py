@@ -98,6 +98,8 @@ def profile(files: dict[str, str], count: int = 100) -> list[list]:
       ["PNG decode, Pillow (2 PNGs)", per_image(lambda: (np.asarray(Image.open(p).convert("RGB")) for p in paths))],
       ["PNG decode, OpenCV (2 PNGs)", per_image(lambda: (cv2.imdecode(np.fromfile(p, np.uint8), cv2.IMREAD_COLOR)
                                                        for p in paths))],
+      ["PNG decode, libspng (2 PNGs; the one used)", per_image(lambda: (coco_format._decode_rgb(p)  # noqa
+                                                                        for p in paths))],
       ["both sides read into segment tables (decode included)", per_image(lambda: (load_both(k) for k in keys))],
       ["joint histogram of the two entry maps", per_image(lambda: (coco_format.segment_histogram(g, p)
                                                                    for g, p in loaded))],

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{'a COCO panoptic JSON' if task is None else repr(task)}")
   from panoptic_jax.evaluation import evaluator as evaluator_lib
   from panoptic_jax.evaluation.coco_format import CocoFormatError
-  if args.gt_json is None or args.pred_json is None:  # Label maps go through the jitted metric (COCO vs COCO: no JAX).
+  if _label_maps(args):  # Through the jitted metric (COCO against COCO: on the host, without JAX).
     _one_device_per_core()
     cli.initialise_jax()  # The persistent compilation cache: later runs skip compiling the metric.
   try:
@@ -147,5 +147,12 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
+def _label_maps(args: argparse.Namespace) -> bool:
+  """Whether a side is in the project's format, hence evaluated as label maps by the jitted metric."""
+  return args.gt_json is None or args.pred_json is None
+
+
 if __name__ == "__main__":
-  cli.run(main, malloc_tunables=True)  # Large maps' temporaries stay mapped (panoptic_jax/host_memory.py).
+  # The jitted metric's large temporaries stay mapped (panoptic_jax/host_memory.py; a relaunch of the process): only
+  # for label maps, since COCO against COCO is counted on the host.
+  cli.run(main, malloc_tunables=_label_maps(_parser().parse_known_args()[0]))
