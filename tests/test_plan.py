@@ -45,9 +45,26 @@ def _check_step(step: dict | plan_lib.StepPlan) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_plan() -> plan_lib.Plan:
-  """The train step (about 80 s of the module's time: libtpu's compile-only executables do not go through the
-  persistent compilation cache); the command's test compiles the eval step."""
+def eval_command(tmp_path_factory):
+  """`python -m panoptic_jax.plan --mode=eval --json=...` started in the background: (process, the folder of its
+  plan.json, stdout and stderr). It compiles the eval step while `tiny_plan` compiles the train step in this process:
+  libtpu's compile-only executables do not go through the persistent compilation cache, so both compiles are paid in
+  every session, and side by side the module waits for the longer one instead of both."""
+  folder = tmp_path_factory.mktemp("plan")
+  # Output to files, not pipes: nothing reads them until the command's test, and a full pipe would stall it.
+  with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "panoptic_jax.plan", f"--config={th.REPO_ROOT / 'configs' / 'demo.py'}",
+         "--topology=v5e-4", "--mode=eval", f"--json={folder / 'plan.json'}", *TINY],
+        stdout=stdout, stderr=stderr, cwd=th.REPO_ROOT, env=th.subprocess_env(1))
+  yield process, folder
+  th.kill(process)
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(eval_command) -> plan_lib.Plan:
+  """The train step (about 80 s: see `eval_command`, which this starts first)."""
+  del eval_command
   return plan_lib.plan(_tiny_config(), TOPOLOGY, mode="train")
 
 
@@ -83,15 +100,14 @@ def test_a_recipe_that_does_not_fit_gets_suggestions(tiny_plan):
 
 
 @needs_libtpu
-def test_the_command_writes_the_report_as_json(tmp_path):
-  out = tmp_path / "plan.json"
-  result = subprocess.run(
-      [sys.executable, "-m", "panoptic_jax.plan", f"--config={th.REPO_ROOT / 'configs' / 'demo.py'}",
-       "--topology=v5e-4", "--mode=eval", f"--json={out}", *TINY],
-      capture_output=True, text=True, timeout=300, cwd=th.REPO_ROOT, env=th.subprocess_env(1))
+def test_the_command_writes_the_report_as_json(eval_command):
+  process, folder = eval_command
+  process.wait(timeout=300)
+  result = subprocess.CompletedProcess(process.args, process.returncode, (folder / "stdout").read_text(),
+                                       (folder / "stderr").read_text())
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Target: v5e:2x2 (4 x TPU v5e" in result.stdout and "eval step" in result.stdout, result.stdout
-  report = json.loads(out.read_text())
+  report = json.loads((folder / "plan.json").read_text())
   assert report["num_chips"] == 4 and [s["step"] for s in report["steps"]] == ["eval"]
   evaluation = report["steps"][0]
   assert evaluation["images_per_chip"] == 1
