@@ -21,10 +21,9 @@ def fake_env(fake_dir: pathlib.Path, scenario: dict, **variables: str) -> dict[s
   fake_dir.mkdir(parents=True, exist_ok=True)
   (fake_dir / "scenario.json").write_text(json.dumps(scenario))
   env = th.subprocess_env(2)
-  # The workers import the package from the folder they run in (the TPU workers' copy), not from this checkout.
-  env.pop("PYTHONPATH")
-  if "PYTHONPATH" in os.environ:
-    env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+  # The workers import the package from the folder they run in (the TPU workers' copy), not from this checkout; the
+  # path holds only the compilation-cache hook of the multi-process runs (th.CACHE_HOOK).
+  env["PYTHONPATH"] = os.pathsep.join([str(th.CACHE_HOOK), *filter(None, [os.environ.get("PYTHONPATH")])])
   env.update(PATH=f"{FAKES}{os.pathsep}{env['PATH']}", FAKE_LAUNCH_DIR=str(fake_dir), **variables)
   return env
 

@@ -25,7 +25,7 @@ def test_two_processes_of_two_devices_match_one_device():
       logs.append(log)
       command = th.main_command(workdir, "train", th.tiny_dataset(), extra_flags=[
           f"--coordinator_address={address}", "--num_processes=2", f"--process_id={index}"])
-      processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=th.subprocess_env(2),
+      processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=th.multiprocess_env(2),
                                         cwd=th.REPO_ROOT))
     th.one_device_run()  # The reference, computed in this process while the two train.
     deadline = time.monotonic() + TIMEOUT_S

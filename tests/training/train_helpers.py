@@ -28,6 +28,8 @@ from panoptic_jax.training import sharding, train
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / ".cache" / "jax_compilation"  # The dir tests/conftest.py gives in-process JAX.
+# A sitecustomize that lets every process of a multi-process run write the compilation cache (see its docstring).
+CACHE_HOOK = REPO_ROOT / "tests" / "launch" / "cache_hook"
 STEPS = 6
 
 _SESSION: dict[str, Any] = {}
@@ -93,6 +95,14 @@ def subprocess_env(num_devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+  return env
+
+
+def multiprocess_env(num_devices: int) -> dict[str, str]:
+  """`subprocess_env` for one process of a multi-process run: also CACHE_HOOK, so that processes other than 0 find
+  their compiled programs in the persistent cache in a later run, as process 0 does."""
+  env = subprocess_env(num_devices)
+  env["PYTHONPATH"] = os.pathsep.join([str(CACHE_HOOK), env["PYTHONPATH"]])
   return env
 
 
