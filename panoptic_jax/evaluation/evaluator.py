@@ -18,7 +18,9 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import multiprocessing
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -404,6 +406,42 @@ def _load(side: Side, key: str, is_gt: bool, gt_side: Side, mapping: np.ndarray 
   return (panoptic, None), scores, {}
 
 
+# Pairs per task of a worker process: the task's round trip (pickling the keys and the histograms) stays small.
+_CHUNK = 32
+
+
+def _map_in_order(fn, items: list, num_workers: int):
+  """Yields fn(item) for the items in order, computed in `num_workers` threads or, where forking is safe, in one
+  worker process per core (at most num_workers).
+
+  pyspng decodes holding the GIL, so threads scale poorly (in one process, 1,500 COCO-like pairs took 4.5 s in four
+  threads and 3.4 s in two processes). Forking is safe on Linux when this process has not loaded JAX, whose threads
+  a fork could leave holding locks: the COCO against COCO command; label maps and callers with JAX use threads.
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+  processes = min(num_workers, cores)
+  if processes > 1 and sys.platform == "linux" and "jax" not in sys.modules:
+    chunks = [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+    with multiprocessing.get_context("fork").Pool(processes, _start_worker, (fn,)) as pool:
+      for results in pool.imap(_run_chunk, chunks):
+        yield from results
+    return
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    yield from pool.map(fn, items)
+
+
+_worker_fn = None  # In a worker process of `_map_in_order`: the function it applies (inherited by the fork).
+
+
+def _start_worker(fn) -> None:
+  global _worker_fn
+  _worker_fn = fn
+
+
+def _run_chunk(chunk: list) -> list:
+  return [_worker_fn(item) for item in chunk]
+
+
 def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int = 128, num_workers: int = 4,
                    progress: bool = True) -> dict:
   """Evaluates `pred` against `gt`: the result of `Evaluator.result()` plus "categories" and "num_images"."""
@@ -425,14 +463,13 @@ def evaluate_sides(gt: Side, pred: Side, batch_size: int = 16, max_segments: int
     maps = tuple(x.panoptic if isinstance(x, LoadedImage) else x[0] for x in (g, p))
     return g_key, (*maps, g.crowd if isinstance(g, LoadedImage) else None), scores, extra_fn
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
-    for i, (key, image, scores, extra_fn) in enumerate(pool.map(load_pair, pairs)):
-      if isinstance(image, SegmentHistogram):
-        evaluator.add_histogram(image, scores=scores, name=key, extra_fn=extra_fn)
-      else:
-        evaluator.add(*image, scores=scores, name=key, extra_fn=extra_fn, in_range=True)
-      if progress and (i + 1) % 100 == 0:
-        logging.info("evaluated %d / %d images", i + 1, len(pairs))
+  for i, (key, image, scores, extra_fn) in enumerate(_map_in_order(load_pair, pairs, num_workers)):
+    if isinstance(image, SegmentHistogram):
+      evaluator.add_histogram(image, scores=scores, name=key, extra_fn=extra_fn)
+    else:
+      evaluator.add(*image, scores=scores, name=key, extra_fn=extra_fn, in_range=True)
+    if progress and (i + 1) % 100 == 0:
+      logging.info("evaluated %d / %d images", i + 1, len(pairs))
   out = evaluator.result()
   out["num_images"] = len(pairs)
   out["categories"] = [{"index": k, "name": n, "isthing": bool(t)} for k, (n, t) in

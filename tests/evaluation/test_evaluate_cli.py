@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,20 @@ def test_coco_vs_coco_runs_without_jax(fixtures, tmp_path):
                         cwd=pathlib.Path(__file__).parents[2])
   assert done.returncode == 0, done.stderr[-3000:]
   assert "PQ" in done.stdout
+
+
+def test_an_unreadable_png_in_a_worker_process_is_named(fixtures, tmp_path):
+  """COCO against COCO reads in worker processes: an error there reaches the command's message."""
+  root = fixtures / SAMPLE
+  folder = tmp_path / "pred"
+  shutil.copytree(root / "panoptic_examples", folder)
+  broken = sorted(folder.iterdir())[-1]
+  broken.write_bytes(b"not a png")
+  done = subprocess.run([sys.executable, "-m", "panoptic_jax.evaluate", *_coco_args(root, "gt", "panoptic_examples"),
+                         "--pred_json", str(root / "panoptic_examples.json"), "--pred_folder", str(folder)],
+                        capture_output=True, text=True, timeout=120, cwd=pathlib.Path(__file__).parents[2])
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert f"{broken}: cannot read the PNG" in done.stderr
 
 
 def test_dataset_and_coco_sides_mix(fixtures, tmp_path):
