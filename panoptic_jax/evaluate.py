@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument("--batch_size", type=int, default=16, help="images per jitted call (default 16)")
   parser.add_argument("--max_segments", type=int, default=128,
                       help="initial segments per image of the jitted metric; grows automatically (default 128)")
-  parser.add_argument("--workers", type=int, default=4, help="threads reading and decoding files (default 4)")
+  parser.add_argument("--workers", type=int, default=4,
+                      help="file readers: threads, or for COCO against COCO worker processes, at most one per core "
+                      "(default 4)")
   semantic = parser.add_argument_group("semantic-only GT (metadata.yaml task: semantic segmentation)")
   semantic.add_argument("--class_map", help="YAML file (or s3://) 'GT category name: predicted category name'; "
                         "many-to-one allowed, null or unlisted = void (default: match categories by name)")
